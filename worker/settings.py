@@ -1,0 +1,263 @@
+"""The worker's settings: one frozen object, read from CLI flags and environment variables.
+
+Every setting is declared once in :data:`SETTINGS`: its environment variable, its flag, its
+default, its allowed values and its help text. ``worker run --help``, the README table and the
+Helm chart's ConfigMap all follow this table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from producer.names import DEFAULT_AMQP_URL, DEFAULT_DELIVERY_LIMIT, DEFAULT_QUEUE
+
+Device = Literal["auto", "cpu", "cuda"]
+LogFormat = Literal["auto", "json", "console"]
+
+DEFAULT_MODEL_PATH = "models/all-MiniLM-L6-v2"
+
+
+class SettingsError(ValueError):
+    """Raised when a setting is missing, malformed, out of range or conflicts with another."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Validated worker settings. Build with :meth:`from_env` or :func:`parse_args`."""
+
+    amqp_url: str = DEFAULT_AMQP_URL
+    model: Path = Path(DEFAULT_MODEL_PATH)
+    model_name: str = ""
+    model_version: str = "1"
+    queue: str = DEFAULT_QUEUE
+    queue_type: Literal["quorum", "classic"] = "quorum"
+    delivery_limit: int = DEFAULT_DELIVERY_LIMIT
+    max_batch: int = 64
+    max_delay_ms: float = 0.0
+    prefetch: int = 256
+    device: Device = "auto"
+    device_id: int = 0
+    intra_op_threads: int = 0
+    max_text_length: int = 256
+    drain_timeout_s: float = 25.0
+    connect_timeout_s: float = 60.0
+    http_port: int = 8080
+    exit_when_idle: bool = False
+    log_format: LogFormat = "auto"
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        for spec in SETTINGS:
+            spec.check(getattr(self, spec.field))
+        if self.prefetch < 1:
+            raise SettingsError("WORKER_PREFETCH (--prefetch) must be at least 1")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from environment variables (``os.environ`` by default), then ``overrides``."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for spec in SETTINGS:
+            if spec.env in env:
+                values[spec.field] = spec.parse(env[spec.env])
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def resolved_model_name(self) -> str:
+        """The model name replies carry: ``model_name`` or the model file's stem."""
+        if self.model_name:
+            return self.model_name
+        return self.model.name if self.model.is_dir() else self.model.stem
+
+
+@dataclasses.dataclass(frozen=True)
+class SettingSpec:
+    """How one setting is named, parsed, checked and documented."""
+
+    field: str
+    env: str
+    flag: str
+    help: str
+    parse: Callable[[str], Any] = str
+    choices: Sequence[str] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+
+    def check(self, value: Any) -> None:
+        name = f"{self.env} ({self.flag})"
+        if self.choices is not None and value not in self.choices:
+            raise SettingsError(f"{name} is {value!r}; allowed: {', '.join(self.choices)}")
+        if self.minimum is not None and value < self.minimum:
+            raise SettingsError(f"{name} is {value}; it must be between {self.minimum:g} and {self.maximum:g}")
+        if self.maximum is not None and value > self.maximum:
+            raise SettingsError(f"{name} is {value}; it must be between {self.minimum:g} and {self.maximum:g}")
+
+    @property
+    def default(self) -> Any:
+        return next(f.default for f in dataclasses.fields(Settings) if f.name == self.field)
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise SettingsError(f"{text!r} is not a boolean; use true or false")
+
+
+def _number(kind: Callable[[str], Any], env: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            raise SettingsError(f"{env} is {text!r}, which is not a {kind.__name__}") from None
+
+    return parse
+
+
+SETTINGS: tuple[SettingSpec, ...] = (
+    SettingSpec("amqp_url", "AMQP_URL", "--amqp-url", "RabbitMQ URL, credentials included"),
+    SettingSpec("model", "WORKER_MODEL", "--model", "ONNX model file, or a model folder with a manifest", Path),
+    SettingSpec("model_name", "WORKER_MODEL_NAME", "--model-name", "model name in replies (default: the file name)"),
+    SettingSpec("model_version", "WORKER_MODEL_VERSION", "--model-version", "model version in replies"),
+    SettingSpec("queue", "WORKER_QUEUE", "--queue", "request queue to consume (declared if missing)"),
+    SettingSpec(
+        "queue_type", "WORKER_QUEUE_TYPE", "--queue-type", "request queue type", choices=("quorum", "classic")
+    ),
+    SettingSpec(
+        "delivery_limit",
+        "WORKER_DELIVERY_LIMIT",
+        "--delivery-limit",
+        "deliveries before a quorum queue dead-letters a message that keeps failing",
+        _number(int, "WORKER_DELIVERY_LIMIT"),
+        minimum=1,
+        maximum=1000,
+    ),
+    SettingSpec(
+        "max_batch",
+        "WORKER_MAX_BATCH",
+        "--max-batch",
+        "most rows in one model run; larger requests get too_many_rows",
+        _number(int, "WORKER_MAX_BATCH"),
+        minimum=1,
+        maximum=65536,
+    ),
+    SettingSpec(
+        "max_delay_ms",
+        "WORKER_MAX_DELAY_MS",
+        "--max-delay-ms",
+        "longest a request may wait for a fuller batch while the model is idle (0: run at once)",
+        _number(float, "WORKER_MAX_DELAY_MS"),
+        minimum=0,
+        maximum=10000,
+    ),
+    SettingSpec(
+        "prefetch",
+        "WORKER_PREFETCH",
+        "--prefetch",
+        "unacknowledged requests the broker may hand this worker (the batching window)",
+        _number(int, "WORKER_PREFETCH"),
+        minimum=1,
+        maximum=65535,
+    ),
+    SettingSpec("device", "WORKER_DEVICE", "--device", "where the model runs", choices=("auto", "cpu", "cuda")),
+    SettingSpec(
+        "device_id", "WORKER_DEVICE_ID", "--device-id", "CUDA device ordinal", _number(int, "WORKER_DEVICE_ID"),
+        minimum=0, maximum=64,
+    ),
+    SettingSpec(
+        "intra_op_threads",
+        "WORKER_INTRA_OP_THREADS",
+        "--intra-op-threads",
+        "ONNX Runtime intra-op threads (0: ONNX Runtime's default, one per core)",
+        _number(int, "WORKER_INTRA_OP_THREADS"),
+        minimum=0,
+        maximum=1024,
+    ),
+    SettingSpec(
+        "max_text_length",
+        "WORKER_MAX_TEXT_LENGTH",
+        "--max-text-length",
+        "text models: tokens per row, longer texts are truncated",
+        _number(int, "WORKER_MAX_TEXT_LENGTH"),
+        minimum=8,
+        maximum=8192,
+    ),
+    SettingSpec(
+        "drain_timeout_s",
+        "WORKER_DRAIN_TIMEOUT_S",
+        "--drain-timeout-s",
+        "on SIGTERM, how long to finish in-flight batches before handing the rest back",
+        _number(float, "WORKER_DRAIN_TIMEOUT_S"),
+        minimum=0,
+        maximum=3600,
+    ),
+    SettingSpec(
+        "connect_timeout_s",
+        "WORKER_CONNECT_TIMEOUT_S",
+        "--connect-timeout-s",
+        "how long to retry an unreachable broker at start before exiting non-zero",
+        _number(float, "WORKER_CONNECT_TIMEOUT_S"),
+        minimum=0,
+        maximum=3600,
+    ),
+    SettingSpec(
+        "http_port",
+        "WORKER_HTTP_PORT",
+        "--http-port",
+        "port of /livez, /readyz and /metrics (0: no HTTP server)",
+        _number(int, "WORKER_HTTP_PORT"),
+        minimum=0,
+        maximum=65535,
+    ),
+    SettingSpec(
+        "exit_when_idle",
+        "WORKER_EXIT_WHEN_IDLE",
+        "--exit-when-idle",
+        "exit once the queue is empty and nothing is in flight (batch runs, tests)",
+        _bool,
+    ),
+    SettingSpec(
+        "log_format", "WORKER_LOG_FORMAT", "--log-format", "log rendering (auto: console on a TTY, else JSON)",
+        choices=("auto", "json", "console"),
+    ),
+    SettingSpec(
+        "log_level", "WORKER_LOG_LEVEL", "--log-level", "lowest level logged",
+        choices=("debug", "info", "warning", "error"),
+    ),
+)
+
+ENV_VARS: frozenset[str] = frozenset(spec.env for spec in SETTINGS)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting; flags default to None so the environment can fill the gaps."""
+    for spec in SETTINGS:
+        extra = f"; env {spec.env}; default {spec.default}"
+        if spec.parse is _bool:
+            parser.add_argument(
+                spec.flag, dest=spec.field, action="store_const", const=True, default=None, help=spec.help + extra
+            )
+        else:
+            parser.add_argument(
+                spec.flag,
+                dest=spec.field,
+                type=spec.parse,
+                choices=spec.choices,
+                default=None,
+                metavar=spec.field.upper() if spec.choices is None else None,
+                help=spec.help + extra,
+            )
+
+
+def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
+    """Settings from parsed flags; flags win over environment variables."""
+    overrides = {spec.field: getattr(args, spec.field) for spec in SETTINGS if getattr(args, spec.field, None) is not None}
+    return Settings.from_env(env, **overrides)
