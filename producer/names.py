@@ -5,7 +5,7 @@ The worker imports this module; the producer never imports the worker.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_QUEUE = "inference"
@@ -50,7 +50,7 @@ def request_queue_arguments(
     *,
     queue_type: QueueType = "quorum",
     delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
-) -> dict[str, str | int]:
+) -> dict[str, Any]:
     """The ``x-`` arguments of a request queue; every declarer uses exactly these.
 
     Args:
@@ -59,7 +59,7 @@ def request_queue_arguments(
         delivery_limit: deliveries after which a quorum queue dead-letters a message
             that keeps failing (RabbitMQ 3.10 has no default). Ignored for classic queues.
     """
-    arguments: dict[str, str | int] = {
+    arguments: dict[str, Any] = {
         "x-queue-type": queue_type,
         "x-dead-letter-exchange": "",
         "x-dead-letter-routing-key": dead_letter_queue(queue),

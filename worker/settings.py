@@ -128,9 +128,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("model_name", "WORKER_MODEL_NAME", "--model-name", "model name in replies (default: the file name)"),
     SettingSpec("model_version", "WORKER_MODEL_VERSION", "--model-version", "model version in replies"),
     SettingSpec("queue", "WORKER_QUEUE", "--queue", "request queue to consume (declared if missing)"),
-    SettingSpec(
-        "queue_type", "WORKER_QUEUE_TYPE", "--queue-type", "request queue type", choices=("quorum", "classic")
-    ),
+    SettingSpec("queue_type", "WORKER_QUEUE_TYPE", "--queue-type", "request queue type", choices=("quorum", "classic")),
     SettingSpec(
         "delivery_limit",
         "WORKER_DELIVERY_LIMIT",
@@ -169,8 +167,13 @@ SETTINGS: tuple[SettingSpec, ...] = (
     ),
     SettingSpec("device", "WORKER_DEVICE", "--device", "where the model runs", choices=("auto", "cpu", "cuda")),
     SettingSpec(
-        "device_id", "WORKER_DEVICE_ID", "--device-id", "CUDA device ordinal", _number(int, "WORKER_DEVICE_ID"),
-        minimum=0, maximum=64,
+        "device_id",
+        "WORKER_DEVICE_ID",
+        "--device-id",
+        "CUDA device ordinal",
+        _number(int, "WORKER_DEVICE_ID"),
+        minimum=0,
+        maximum=64,
     ),
     SettingSpec(
         "intra_op_threads",
@@ -225,11 +228,17 @@ SETTINGS: tuple[SettingSpec, ...] = (
         _bool,
     ),
     SettingSpec(
-        "log_format", "WORKER_LOG_FORMAT", "--log-format", "log rendering (auto: console on a TTY, else JSON)",
+        "log_format",
+        "WORKER_LOG_FORMAT",
+        "--log-format",
+        "log rendering (auto: console on a TTY, else JSON)",
         choices=("auto", "json", "console"),
     ),
     SettingSpec(
-        "log_level", "WORKER_LOG_LEVEL", "--log-level", "lowest level logged",
+        "log_level",
+        "WORKER_LOG_LEVEL",
+        "--log-level",
+        "lowest level logged",
         choices=("debug", "info", "warning", "error"),
     ),
 )
@@ -259,5 +268,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
     """Settings from parsed flags; flags win over environment variables."""
-    overrides = {spec.field: getattr(args, spec.field) for spec in SETTINGS if getattr(args, spec.field, None) is not None}
+    overrides = {
+        spec.field: getattr(args, spec.field) for spec in SETTINGS if getattr(args, spec.field, None) is not None
+    }
     return Settings.from_env(env, **overrides)

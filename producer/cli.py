@@ -1,0 +1,92 @@
+"""``producer``: send requests to the workers from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+import uuid
+
+import aio_pika
+
+from producer.names import (
+    CONTENT_TYPE_JSON,
+    CONTENT_TYPES,
+    DEFAULT_AMQP_URL,
+    DEFAULT_QUEUE,
+    DIRECT_REPLY_TO,
+    HEADER_DEADLINE_MS,
+    HEADER_PUBLISHED_MS,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="producer", description="Publish inference requests to qinfer workers.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    send = commands.add_parser(
+        "send",
+        help="send one request and print its reply",
+        description="Send one Open Inference Protocol request (JSON) and print the reply. Example: "
+        'producer send --queue inference --json \'{"inputs": [{"name": "text", "datatype": "BYTES", '
+        '"shape": [1], "data": ["hello"]}]}\'',
+    )
+    send.add_argument("--amqp-url", default=None, help=f"broker URL (env AMQP_URL; default {DEFAULT_AMQP_URL})")
+    send.add_argument("--queue", default=DEFAULT_QUEUE, help="request queue (default %(default)s)")
+    send.add_argument("--json", dest="body", default=None, help="request body; read from stdin when omitted")
+    send.add_argument(
+        "--content-type", default=CONTENT_TYPE_JSON, choices=CONTENT_TYPES, help="body encoding (default %(default)s)"
+    )
+    send.add_argument("--timeout-s", type=float, default=30.0, help="seconds to wait for the reply (default 30)")
+    return parser
+
+
+async def _send(url: str, queue: str, body: bytes, content_type: str, timeout_s: float) -> bytes:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        replies: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
+        reply_queue = await channel.get_queue(DIRECT_REPLY_TO, ensure=False)
+        await reply_queue.consume(replies.put, no_ack=True)
+        now_ms = int(time.time() * 1000)
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                body,
+                content_type=content_type,
+                correlation_id=str(uuid.uuid4()),
+                reply_to=DIRECT_REPLY_TO,
+                expiration=timeout_s,
+                headers={HEADER_DEADLINE_MS: now_ms + int(timeout_s * 1000), HEADER_PUBLISHED_MS: now_ms},
+            ),
+            routing_key=queue,
+            mandatory=True,
+        )
+        reply = await asyncio.wait_for(replies.get(), timeout_s)
+        return reply.body
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+
+    args = build_parser().parse_args(argv)
+    if args.command == "send":
+        url = args.amqp_url or os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
+        body = (args.body if args.body is not None else sys.stdin.read()).encode()
+        try:
+            reply = asyncio.run(_send(url, args.queue, body, args.content_type, args.timeout_s))
+        except TimeoutError:
+            print(
+                f"producer: no reply within {args.timeout_s:g} s; is a worker consuming {args.queue!r}?",
+                file=sys.stderr,
+            )
+            return 1
+        except aio_pika.exceptions.DeliveryError as e:
+            print(f"producer: the broker refused the request ({e}); does queue {args.queue!r} exist?", file=sys.stderr)
+            return 1
+        sys.stdout.write(reply.decode(errors="replace") + "\n")
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Shared fixtures: a real RabbitMQ broker and unique queue names.
+
+Broker order: ``AMQP_URL`` when set; else a testcontainers RabbitMQ when Docker answers; else the
+integration tests skip with the reason, except under ``CI=true``, where a missing broker fails.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from urllib.parse import urlparse
+
+import aio_pika
+import pytest
+
+
+def _answers(url: str) -> bool:
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 5672), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker  # type: ignore[import-untyped]
+
+        docker.from_env(timeout=3).ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> Iterator[str]:
+    """URL of a reachable RabbitMQ broker for this test session."""
+    url = os.environ.get("AMQP_URL")
+    if url:
+        if not _answers(url):
+            pytest.fail(f"AMQP_URL={url} is set but nothing answers there; start the broker (`make broker`)")
+        yield url
+        return
+    if _docker_answers():
+        from testcontainers.rabbitmq import RabbitMqContainer
+
+        with RabbitMqContainer("rabbitmq:3.13-management") as container:
+            params = container.get_connection_params()
+            yield f"amqp://guest:guest@{params.host}:{params.port}/"
+        return
+    reason = (
+        "no broker: set AMQP_URL (e.g. `make broker` and AMQP_URL=amqp://guest:guest@127.0.0.1:5672/) or run Docker"
+    )
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def queue_name(request: pytest.FixtureRequest) -> str:
+    """A queue name unique to this test."""
+    return f"test.{request.node.name[:40]}.{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+async def connection(amqp_url: str) -> AsyncIterator[aio_pika.abc.AbstractConnection]:
+    """An aio-pika connection for the test's own publishing and inspection."""
+    conn = await aio_pika.connect(amqp_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def cleanup_queues(connection: aio_pika.abc.AbstractConnection) -> AsyncIterator[list[str]]:
+    """Append queue names to delete them (in reverse order) after the test."""
+    names: list[str] = []
+    yield names
+    channel = await connection.channel()
+    for name in reversed(names):
+        try:
+            await channel.queue_delete(name, if_unused=False, if_empty=False)
+        except Exception:
+            channel = await connection.channel()

@@ -1,0 +1,89 @@
+"""Small ONNX models built with onnx.helper for the tests (dynamic first dimension)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+def _save(graph: onnx.GraphProto, path: Path) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def affine_model(path: Path, width: int = 4) -> Path:
+    """``y = 2 * x + 1``: input ``x`` FP32 [N, width] → output ``y`` FP32 [N, width]."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Mul", ["x", "two"], ["x2"]),
+            helper.make_node("Add", ["x2", "one"], ["y"]),
+        ],
+        "affine",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])],
+        initializer=[
+            numpy_helper.from_array(np.array(2.0, dtype=np.float32), "two"),
+            numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one"),
+        ],
+    )
+    return _save(graph, path)
+
+
+def mlp_model(path: Path, width: int = 256, hidden: int = 256, layers: int = 3, seed: int = 0) -> Path:
+    """A small MLP: ``x`` FP32 [N, width] → ``y`` FP32 [N, hidden] through ``layers`` dense+ReLU layers."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    current, dim = "x", width
+    for i in range(layers):
+        w = rng.standard_normal((dim, hidden), dtype=np.float32) / np.sqrt(dim)
+        b = rng.standard_normal(hidden, dtype=np.float32) * 0.01
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        nodes += [
+            helper.make_node("Gemm", [current, f"w{i}", f"b{i}"], [f"h{i}"]),
+            helper.make_node("Relu", [f"h{i}"], [f"r{i}" if i < layers - 1 else "y"]),
+        ]
+        current, dim = f"r{i}", hidden
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", hidden])],
+        initializer=inits,
+    )
+    return _save(graph, path)
+
+
+def two_io_model(path: Path) -> Path:
+    """Two inputs and two outputs of different dtypes.
+
+    ``a`` FP32 [N, 3], ``b`` INT64 [N, 2] → ``sum_a`` FP32 [N, 1] (row sums of a),
+    ``b_plus`` INT64 [N, 2] (b + 10).
+    """
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceSum", ["a", "axes"], ["sum_a"], keepdims=1),
+            helper.make_node("Add", ["b", "ten"], ["b_plus"]),
+        ],
+        "two_io",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 3]),
+            helper.make_tensor_value_info("b", TensorProto.INT64, ["N", 2]),
+        ],
+        [
+            helper.make_tensor_value_info("sum_a", TensorProto.FLOAT, ["N", 1]),
+            helper.make_tensor_value_info("b_plus", TensorProto.INT64, ["N", 2]),
+        ],
+        initializer=[
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "axes"),
+            numpy_helper.from_array(np.array(10, dtype=np.int64), "ten"),
+        ],
+    )
+    return _save(graph, path)

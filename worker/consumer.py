@@ -1,0 +1,546 @@
+"""The worker's I/O: receive → batch → infer → reply → ack, against a real RabbitMQ.
+
+One consume connection (QoS = prefetch window) and one publish connection (publisher confirms),
+so a publisher blocked by a broker alarm never stalls acks. The model runs in a single worker
+thread; the event loop keeps receiving while a batch computes, and whatever arrived meanwhile
+forms the next batch. With ``max_delay_ms = 0`` (the default) a request never waits for a
+batch that is not coming: batches form only while the model is busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import signal
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import aio_pika
+import aiormq.exceptions
+import structlog
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+    DeliveryMode,
+)
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from producer.errors import ProtocolError
+from producer.names import (
+    HEADER_DEADLINE_MS,
+    HEADER_PUBLISHED_MS,
+    dead_letter_queue,
+    is_direct_reply_to,
+    request_queue_arguments,
+)
+from producer.protocol import (
+    ErrorCode,
+    InferRequest,
+    decode_request,
+    encode_error,
+    encode_reply,
+    reply_content_type,
+)
+from worker.acks import AckAction, AckLedger, Outcome, ack_action
+from worker.batching import Arrays, Batchable, pending_rows, run_isolating, take_batch
+from worker.errors import BrokerUnavailableError
+from worker.health import HealthState, start_http_server
+from worker.metrics import WorkerMetrics
+from worker.model import Pipeline, load_pipeline
+from worker.settings import Settings
+
+log = structlog.get_logger("worker")
+
+_IDLE_CHECK_S = 0.1  # how often an idle --exit-when-idle worker asks the broker whether the queue is empty
+
+
+@dataclasses.dataclass(slots=True)
+class Job:
+    """One delivery on its way through the worker."""
+
+    message: AbstractIncomingMessage
+    ledger: AckLedger
+    request_id: str
+    request: InferRequest | None = None
+    received_s: float = 0.0  # monotonic
+    deadline_ms: float | None = None  # epoch ms
+    broker_ms: float | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class Reply:
+    """A reply body ready to publish for one job."""
+
+    job: Job
+    body: bytes
+    content_type: str
+    outcome_label: str  # "ok" or an error code, for metrics
+
+
+def _header_ms(message: AbstractIncomingMessage, name: str) -> float | None:
+    value = message.headers.get(name) if message.headers else None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+async def connect(url: str, *, timeout_s: float, name: str) -> AbstractRobustConnection:
+    """A robust connection, retried with backoff for up to ``timeout_s`` at start.
+
+    Raises:
+        BrokerUnavailableError: when the broker did not answer in time.
+    """
+    retrying = AsyncRetrying(
+        stop=stop_after_delay(timeout_s),
+        wait=wait_exponential(multiplier=0.25, max=5),
+        retry=retry_if_exception_type((ConnectionError, OSError, aiormq.exceptions.AMQPConnectionError)),
+        reraise=True,
+        before_sleep=lambda state: log.warning(
+            "broker_unreachable", attempt=state.attempt_number, error=str(state.outcome.exception() if state.outcome else None)
+        ),
+    )
+    try:
+        async for attempt in retrying:
+            with attempt:
+                return await aio_pika.connect_robust(url, client_properties={"connection_name": name})
+    except (ConnectionError, OSError, aiormq.exceptions.AMQPConnectionError) as e:
+        raise BrokerUnavailableError(
+            f"no RabbitMQ answered at {_redact(url)} within {timeout_s:g} s ({e}); start the broker "
+            "(`make broker`), fix AMQP_URL, or raise WORKER_CONNECT_TIMEOUT_S"
+        ) from e
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _redact(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.split("@", 1)[1]
+    return scheme + sep + rest
+
+
+async def declare_request_queue(channel: AbstractChannel, settings: Settings) -> AbstractQueue:
+    """Declare the request queue and its dead-letter queue, both durable, from the shared arguments."""
+    await channel.declare_queue(
+        dead_letter_queue(settings.queue), durable=True, arguments={"x-queue-type": settings.queue_type}
+    )
+    return await channel.declare_queue(
+        settings.queue,
+        durable=True,
+        arguments=request_queue_arguments(
+            settings.queue, queue_type=settings.queue_type, delivery_limit=settings.delivery_limit
+        ),
+    )
+
+
+class Worker:
+    """Consumes one request queue with one model until stopped.
+
+    Args:
+        settings: validated settings.
+        pipeline: an already loaded model (tests share one); loaded from ``settings.model`` if None.
+        install_signal_handlers: drain on SIGTERM/SIGINT; off when a caller drives shutdown itself.
+    """
+
+    def __init__(
+        self, settings: Settings, pipeline: Pipeline | None = None, *, install_signal_handlers: bool = True
+    ) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+        self.install_signal_handlers = install_signal_handlers
+        self.metrics = WorkerMetrics()
+        self.health = HealthState()
+        self.stop_event = asyncio.Event()
+        self._pending: deque[Batchable[Job]] = deque()
+        self._wakeup = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ledger = AckLedger()
+        self._ledger_channel: Any = None
+        self._computing = False
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
+        self._consume_conn: AbstractRobustConnection | None = None
+        self._publish_conn: AbstractRobustConnection | None = None
+        self._queue: AbstractQueue | None = None
+        self._consumer_tag: str | None = None
+        self._publish_exchange: aio_pika.abc.AbstractExchange | None = None
+        self.batches_run = 0
+        self.rows_run = 0
+
+    # ------------------------------------------------------------------------------------------
+    # Life cycle
+
+    async def run(self) -> None:
+        """Start, consume until SIGTERM/SIGINT, ``stop_event`` or (with exit_when_idle) an empty queue,
+        then drain and close."""
+        loop = asyncio.get_running_loop()
+        if self.install_signal_handlers:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop_event.set)
+        http = (
+            await start_http_server(self.health, self.metrics.registry, self.settings.http_port)
+            if (self.settings.http_port)
+            else None
+        )
+        try:
+            await self._start()
+            batcher = asyncio.create_task(self._batch_loop(), name="batch-loop")
+            stopper = asyncio.create_task(self.stop_event.wait(), name="stop-wait")
+            await asyncio.wait({batcher, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if batcher.done():
+                batcher.result()
+            await self._drain(batcher)
+        finally:
+            await self._close()
+            if http is not None:
+                await http.cleanup()
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            if self.install_signal_handlers:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+
+    async def _start(self) -> None:
+        s = self.settings
+        if self.pipeline is None:
+            self.pipeline = await asyncio.to_thread(load_pipeline, s)
+        pipeline = self.pipeline
+        await asyncio.get_running_loop().run_in_executor(self._executor, pipeline.warm_up, s.max_batch)
+        self.health.warmed = True
+        self.metrics.model.info(
+            {"name": pipeline.name, "version": pipeline.version, "providers": ",".join(pipeline.providers)}
+        )
+        self._consume_conn = await connect(s.amqp_url, timeout_s=s.connect_timeout_s, name="qinfer-worker-consume")
+        self._publish_conn = await connect(s.amqp_url, timeout_s=s.connect_timeout_s, name="qinfer-worker-publish")
+        self._consume_conn.close_callbacks.add(self._on_connection_lost)
+        self._consume_conn.reconnect_callbacks.add(self._on_reconnected)
+        publish_channel = await self._publish_conn.channel(publisher_confirms=True, on_return_raises=True)
+        self._publish_exchange = publish_channel.default_exchange
+        channel = await self._consume_conn.channel(publisher_confirms=False)
+        await channel.set_qos(prefetch_count=s.prefetch)
+        self._queue = await declare_request_queue(channel, s)
+        self._consumer_tag = await self._queue.consume(self._on_message)
+        self.health.consuming = True
+        log.info(
+            "worker_started",
+            model=pipeline.name,
+            version=pipeline.version,
+            providers=pipeline.providers,
+            inputs=[spec.describe() for spec in pipeline.inputs.values()],
+            outputs=[spec.describe() for spec in pipeline.outputs.values()],
+            queue=s.queue,
+            queue_type=s.queue_type,
+            max_batch_rows=s.max_batch,
+            max_delay_ms=s.max_delay_ms,
+            prefetch=s.prefetch,
+            http_port=s.http_port or None,
+        )
+
+    def _on_connection_lost(self, *_: Any) -> None:
+        self.health.consuming = False
+        if self.health.draining:
+            return  # our own close
+        log.warning("broker_connection_lost", queue=self.settings.queue)
+
+    def _on_reconnected(self, *_: Any) -> None:
+        self.health.consuming = not self.health.draining
+        log.info("broker_reconnected", queue=self.settings.queue)
+
+    async def _drain(self, batcher: asyncio.Task[None]) -> None:
+        """Stop consuming, hand back what has not started, finish what has, within the drain timeout."""
+        started = time.monotonic()
+        self.health.draining = True
+        if self._queue is not None and self._consumer_tag is not None:
+            try:
+                await self._queue.cancel(self._consumer_tag)
+            except Exception as e:  # the channel may already be gone; the broker requeues on close
+                log.debug("consumer_cancel_failed", error=str(e))
+        handed_back = [item.item for item in self._pending]
+        self._pending.clear()
+        await self._settle([(job, Outcome.NOT_STARTED) for job in handed_back])
+        self._wakeup.set()
+        outstanding: set[asyncio.Task[None]] = {batcher, *self._tasks}
+        _done, not_done = await asyncio.wait(outstanding, timeout=self.settings.drain_timeout_s)
+        for task in not_done:
+            task.cancel()
+        if not batcher.cancelled() and batcher.done() and batcher.exception() is not None:
+            log.error("batch_loop_failed", error=repr(batcher.exception()))
+        log.info(
+            "worker_drained",
+            handed_back=len(handed_back),
+            unfinished=len(not_done),
+            drain_s=round(time.monotonic() - started, 3),
+        )
+
+    async def _close(self) -> None:
+        for conn in (self._consume_conn, self._publish_conn):
+            if conn is not None and not conn.is_closed:
+                await conn.close()
+        self.health.consuming = False
+
+    # ------------------------------------------------------------------------------------------
+    # Receive
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        if message.channel is not self._ledger_channel:
+            # A new channel (first delivery, or after a reconnect): tags start again from 1.
+            self._ledger_channel = message.channel
+            self._ledger = AckLedger()
+        assert message.delivery_tag is not None
+        self._ledger.add(message.delivery_tag)
+        self.metrics.inflight.inc()
+        job = Job(
+            message=message,
+            ledger=self._ledger,
+            request_id=message.correlation_id or message.message_id or "",
+            received_s=time.monotonic(),
+        )
+        if message.redelivered:
+            self.metrics.redelivered.inc()
+            log.info("redelivered", request_id=job.request_id, delivery_count=message.headers.get("x-delivery-count"))
+        if not message.reply_to:
+            log.warning(
+                "no_reply_to",
+                request_id=job.request_id,
+                action="dead-lettered",
+                why="the request has no reply_to, so its result could not be delivered",
+            )
+            self._spawn(self._settle([(job, Outcome.NO_REPLY_TO)]))
+            return
+        if self.health.draining:
+            self._spawn(self._settle([(job, Outcome.NOT_STARTED)]))
+            return
+        now_ms = time.time() * 1000.0
+        published_ms = _header_ms(message, HEADER_PUBLISHED_MS)
+        if published_ms is not None:
+            job.broker_ms = max(0.0, now_ms - published_ms)
+            self.metrics.broker_seconds.observe(job.broker_ms / 1000.0)
+        job.deadline_ms = _header_ms(message, HEADER_DEADLINE_MS)
+        assert self.pipeline is not None
+        try:
+            request = decode_request(message.body, message.content_type, default_id=job.request_id)
+            job.request_id = request.id
+            self.pipeline.validate(request, max_rows=self.settings.max_batch)
+        except ProtocolError as e:
+            log.warning("bad_request", request_id=job.request_id, code=e.code, error=e.message)
+            self._spawn(self._reply([self._error(job, e.code, e.message)]))
+            return
+        if job.deadline_ms is not None and now_ms > job.deadline_ms:
+            self._spawn(self._reply([self._deadline_error(job, now_ms)]))
+            return
+        job.request = request
+        self._pending.append(Batchable(job, rows=request.rows, key=self.pipeline.batch_key(request)))
+        self._wakeup.set()
+
+    # ------------------------------------------------------------------------------------------
+    # Batch and compute
+
+    async def _batch_loop(self) -> None:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        assert self.pipeline is not None
+        run = self.pipeline.run
+        while not self.health.draining:
+            if not self._pending:
+                self._wakeup.clear()
+                if s.exit_when_idle:
+                    if await self._idle():
+                        log.info("queue_empty_exiting", queue=s.queue)
+                        return
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), _IDLE_CHECK_S)
+                else:
+                    await self._wakeup.wait()
+                continue
+            if s.max_delay_ms > 0 and pending_rows(self._pending) < s.max_batch:
+                await self._linger(self._pending[0].item.received_s + s.max_delay_ms / 1000.0)
+                if self.health.draining:
+                    return
+            jobs = take_batch(self._pending, s.max_batch)
+            now_ms = time.time() * 1000.0
+            expired = [j for j in jobs if j.deadline_ms is not None and now_ms > j.deadline_ms]
+            if expired:
+                self._spawn(self._reply([self._deadline_error(j, now_ms) for j in expired]))
+                jobs = [j for j in jobs if not (j.deadline_ms is not None and now_ms > j.deadline_ms)]
+                if not jobs:
+                    continue
+            requests = [j.request for j in jobs if j.request is not None]
+            started = time.monotonic()
+            self._computing = True
+            try:
+                results = await loop.run_in_executor(self._executor, run_isolating, run, requests)
+            finally:
+                self._computing = False
+            finished = time.monotonic()
+            rows = sum(r.rows for r in requests)
+            self.batches_run += 1
+            self.rows_run += rows
+            self.metrics.compute_seconds.observe(finished - started)
+            self.metrics.batch_rows.observe(rows)
+            self.metrics.batch_requests.observe(len(jobs))
+            self.metrics.rows.inc(rows)
+            timing = {
+                "batch_rows": rows,
+                "batch_requests": len(jobs),
+                "compute_ms": round((finished - started) * 1e3, 3),
+            }
+            replies = []
+            for job, result in zip(jobs, results, strict=True):
+                wait_s = started - job.received_s
+                self.metrics.batch_wait_seconds.observe(wait_s)
+                if isinstance(result, Exception):
+                    log.warning("inference_failed", request_id=job.request_id, error=repr(result))
+                    replies.append(
+                        self._error(job, ErrorCode.INFERENCE_FAILED, f"the model failed on this request: {result}")
+                    )
+                else:
+                    replies.append(self._result(job, result, {**timing, "batch_wait_ms": round(wait_s * 1e3, 3)}))
+            self._spawn(self._reply(replies, finished_s=finished))
+
+    async def _linger(self, until_s: float) -> None:
+        """Wait for more rows until ``until_s`` (monotonic), a full batch, or draining."""
+        while pending_rows(self._pending) < self.settings.max_batch and not self.health.draining:
+            remaining = until_s - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                return
+
+    async def _idle(self) -> bool:
+        """True when nothing is pending or in flight here and the queue holds no ready message."""
+        if self._pending or self._tasks or len(self._ledger) or self._queue is None:
+            return False
+        channel = self._queue.channel
+        declared = await channel.declare_queue(self.settings.queue, passive=True)
+        return (declared.declaration_result.message_count or 0) == 0 and not self._pending and not len(self._ledger)
+
+    # ------------------------------------------------------------------------------------------
+    # Reply and settle
+
+    def _result(self, job: Job, outputs: Arrays, timing: dict[str, Any]) -> Reply:
+        assert self.pipeline is not None
+        if job.broker_ms is not None:
+            timing["broker_ms"] = round(job.broker_ms, 3)
+        content_type = reply_content_type(job.message.content_type)
+        body = encode_reply(
+            job.request_id,
+            outputs,
+            content_type,
+            model_name=self.pipeline.name,
+            model_version=self.pipeline.version,
+            parameters={"timing": timing},
+        )
+        return Reply(job, body, content_type, "ok")
+
+    def _error(self, job: Job, code: str, message: str) -> Reply:
+        content_type = reply_content_type(job.message.content_type)
+        return Reply(job, encode_error(job.request_id, code, message, content_type), content_type, str(code))
+
+    def _deadline_error(self, job: Job, now_ms: float) -> Reply:
+        late_ms = now_ms - (job.deadline_ms or now_ms)
+        log.info("deadline_exceeded", request_id=job.request_id, late_ms=round(late_ms, 1))
+        return self._error(
+            job,
+            ErrorCode.DEADLINE_EXCEEDED,
+            f"the request's deadline passed {late_ms:.0f} ms before it could be computed; it was not computed "
+            "(give it a longer timeout, or add workers)",
+        )
+
+    async def _publish(self, reply: Reply) -> None:
+        assert self._publish_exchange is not None
+        message = reply.job.message
+        reply_to = message.reply_to or ""
+        direct = is_direct_reply_to(reply_to)
+        await self._publish_exchange.publish(
+            aio_pika.Message(
+                reply.body,
+                content_type=reply.content_type,
+                correlation_id=message.correlation_id,
+                delivery_mode=DeliveryMode.NOT_PERSISTENT if direct else DeliveryMode.PERSISTENT,
+            ),
+            routing_key=reply_to,
+            # A direct reply-to address is not a queue: RabbitMQ returns mandatory publishes to it even
+            # when it delivered them. Only real (results) queues are published mandatory.
+            mandatory=not direct,
+        )
+
+    async def _reply(self, replies: Sequence[Reply], finished_s: float | None = None) -> None:
+        outcomes = await asyncio.gather(*(self._publish(r) for r in replies), return_exceptions=True)
+        if finished_s is not None:
+            self.metrics.reply_seconds.observe(time.monotonic() - finished_s)
+        settled: list[tuple[Job, Outcome]] = []
+        for reply, error in zip(replies, outcomes, strict=True):
+            if error is None:
+                settled.append((reply.job, Outcome.REPLIED))
+                self.metrics.requests.labels(reply.outcome_label).inc()
+            elif isinstance(error, aiormq.exceptions.DeliveryError):
+                log.warning(
+                    "reply_refused",
+                    request_id=reply.job.request_id,
+                    reply_to=reply.job.message.reply_to,
+                    error=repr(error),
+                )
+                settled.append((reply.job, Outcome.REPLY_REFUSED))
+            elif isinstance(error, Exception):
+                log.warning("reply_lost", request_id=reply.job.request_id, error=repr(error))
+                settled.append((reply.job, Outcome.REPLY_LOST))
+            else:
+                raise error
+        await self._settle(settled)
+
+    async def _settle(self, settled: Sequence[tuple[Job, Outcome]]) -> None:
+        """Tell the broker what happened, per :func:`ack_action`; acks are batched per channel."""
+        to_ack: dict[int, tuple[AckLedger, Any, list[int]]] = {}
+        for job, outcome in settled:
+            self.metrics.inflight.dec()
+            message = job.message
+            tag = message.delivery_tag
+            assert tag is not None
+            channel = message.channel
+            if channel.is_closed:
+                # The broker already requeued everything unacked on that channel.
+                log.debug("settle_dropped_closed_channel", request_id=job.request_id, outcome=outcome.value)
+                continue
+            action = ack_action(outcome)
+            try:
+                entry = to_ack.setdefault(id(job.ledger), (job.ledger, channel, []))
+                if action is AckAction.ACK:
+                    entry[2].append(tag)
+                elif action is AckAction.REQUEUE:
+                    job.ledger.discard(tag)
+                    self.metrics.requests.labels("requeued").inc()
+                    await channel.basic_nack(tag, multiple=False, requeue=True)
+                else:
+                    job.ledger.discard(tag)
+                    self.metrics.requests.labels("dead_lettered").inc()
+                    await channel.basic_reject(tag, requeue=False)
+            except (aiormq.exceptions.ChannelInvalidStateError, aiormq.exceptions.AMQPError, ConnectionError) as e:
+                log.debug("settle_failed", request_id=job.request_id, error=repr(e))
+        for ledger, channel, tags in to_ack.values():
+            # Also after a requeue or reject alone: removing a tag can free the acks queued behind it.
+            last = ledger.settle(tags)
+            if last is None or channel.is_closed:
+                continue
+            try:
+                await channel.basic_ack(last, multiple=True)
+            except (aiormq.exceptions.ChannelInvalidStateError, aiormq.exceptions.AMQPError, ConnectionError) as e:
+                log.debug("ack_failed", error=repr(e))
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task_failed", error=repr(task.exception()), exc_info=task.exception())
+        if not self._pending:
+            self._wakeup.set()

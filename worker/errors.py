@@ -1,0 +1,17 @@
+"""The worker's exception tree (the wire-level ``ProtocolError`` lives in ``producer.errors``)."""
+
+from __future__ import annotations
+
+from producer.errors import InferenceError
+
+
+class WorkerError(InferenceError):
+    """Raised as the base of the worker's own errors."""
+
+
+class ModelLoadError(WorkerError):
+    """Raised when the model cannot be loaded, or the requested device cannot run it."""
+
+
+class BrokerUnavailableError(WorkerError):
+    """Raised when the broker did not answer within the start-up retry window."""
