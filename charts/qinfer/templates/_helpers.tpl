@@ -1,0 +1,149 @@
+{{/*
+Chart name, truncated to 63 characters (the DNS label limit).
+*/}}
+{{- define "qinfer.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Fully qualified name of every resource: the release name, plus the chart name unless the release
+name already contains it; truncated to 63 characters.
+*/}}
+{{- define "qinfer.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Chart name and version, for the helm.sh/chart label.
+*/}}
+{{- define "qinfer.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels on every resource.
+*/}}
+{{- define "qinfer.labels" -}}
+helm.sh/chart: {{ include "qinfer.chart" . }}
+{{ include "qinfer.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: worker
+{{- end }}
+
+{{/*
+Labels that select the worker pods (immutable once installed: keep them few).
+*/}}
+{{- define "qinfer.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "qinfer.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Name of the ServiceAccount the workers run as.
+*/}}
+{{- define "qinfer.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "qinfer.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the Secret holding the broker credentials: an existing one, or the chart's own.
+*/}}
+{{- define "qinfer.secretName" -}}
+{{- default (include "qinfer.fullname" .) .Values.broker.existingSecret }}
+{{- end }}
+
+{{/*
+The worker image reference: repository plus digest when set, else plus tag (default: appVersion).
+*/}}
+{{- define "qinfer.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The worker's settings as environment variables, one per worker setting (see worker/settings.py).
+AMQP_URL is not here: it holds credentials and comes from the Secret.
+*/}}
+{{- define "qinfer.workerEnv" -}}
+{{- $w := .Values.worker -}}
+WORKER_MODEL: {{ .Values.model.path | quote }}
+WORKER_MODEL_NAME: {{ $w.modelName | quote }}
+WORKER_MODEL_VERSION: {{ $w.modelVersion | quote }}
+WORKER_QUEUE: {{ $w.queue | quote }}
+WORKER_QUEUE_TYPE: {{ $w.queueType | quote }}
+WORKER_DELIVERY_LIMIT: {{ $w.deliveryLimit | int | quote }}
+WORKER_MAX_BATCH: {{ $w.maxBatch | int | quote }}
+WORKER_MAX_DELAY_MS: {{ $w.maxDelayMs | toString | quote }}
+WORKER_PREFETCH: {{ $w.prefetch | int | quote }}
+WORKER_DEVICE: {{ $w.device | quote }}
+WORKER_DEVICE_ID: {{ $w.deviceId | int | quote }}
+WORKER_INTRA_OP_THREADS: {{ $w.intraOpThreads | int | quote }}
+WORKER_MAX_TEXT_LENGTH: {{ $w.maxTextLength | int | quote }}
+WORKER_DRAIN_TIMEOUT_S: {{ $w.drainTimeoutS | toString | quote }}
+WORKER_CONNECT_TIMEOUT_S: {{ $w.connectTimeoutS | toString | quote }}
+WORKER_HTTP_PORT: {{ $w.httpPort | int | quote }}
+WORKER_LOG_FORMAT: {{ $w.logFormat | quote }}
+WORKER_LOG_LEVEL: {{ $w.logLevel | quote }}
+{{- end }}
+
+{{/*
+Checks across values that a schema cannot express; each failure names the keys to change.
+*/}}
+{{- define "qinfer.validate" -}}
+{{- $w := .Values.worker -}}
+{{- $minGrace := addf $w.drainTimeoutS .Values.drainMarginSeconds -}}
+{{- if lt (float64 .Values.terminationGracePeriodSeconds) (float64 $minGrace) }}
+{{- fail (printf "terminationGracePeriodSeconds (%v) must be at least worker.drainTimeoutS (%v) + drainMarginSeconds (%v): otherwise Kubernetes kills a draining worker before it has handed its in-flight work back" .Values.terminationGracePeriodSeconds $w.drainTimeoutS .Values.drainMarginSeconds) }}
+{{- end }}
+{{- if eq (int $w.httpPort) 0 }}
+{{- fail "worker.httpPort is 0 (no HTTP server), but the chart's probes and metrics Service need /livez, /readyz and /metrics: choose a port" }}
+{{- end }}
+{{- if and (not .Values.gpu.enabled) (eq $w.device "cuda") }}
+{{- fail "worker.device is cuda but gpu.enabled is false: the pod would get no GPU. Set worker.device to cpu (or auto), or enable gpu" }}
+{{- end }}
+{{- if and .Values.model.volume.enabled (not .Values.model.volume.existingClaim) (not .Values.model.volume.source) }}
+{{- fail "model.volume.enabled needs model.volume.existingClaim or model.volume.source" }}
+{{- end }}
+{{- if and .Values.model.volume.enabled .Values.model.volume.existingClaim .Values.model.volume.source }}
+{{- fail "set one of model.volume.existingClaim and model.volume.source, not both" }}
+{{- end }}
+{{- if and .Values.model.volume.enabled (not (hasPrefix (printf "%s/" (trimSuffix "/" .Values.model.volume.mountPath)) .Values.model.path)) }}
+{{- fail (printf "model.path (%s) must lie under model.volume.mountPath (%s) when the model comes from a volume" .Values.model.path .Values.model.volume.mountPath) }}
+{{- end }}
+{{- with .Values.autoscaling }}
+{{- if .enabled }}
+{{- if lt (int .maxReplicas) (int .minReplicas) }}
+{{- fail (printf "autoscaling.maxReplicas (%v) is below autoscaling.minReplicas (%v)" .maxReplicas .minReplicas) }}
+{{- end }}
+{{- if regexMatch "^[a-z]+://[^/]*@" .host }}
+{{- fail "autoscaling.host must not carry credentials: KEDA reads the user name and password from the Secret (broker.secretKeys.kedaUsername / kedaPassword)" }}
+{{- end }}
+{{- if and (eq .protocol "http") (not (hasPrefix "http" .host)) }}
+{{- fail (printf "autoscaling.protocol is http, so autoscaling.host must be the management API URL (http:// or https://), not %s" .host) }}
+{{- end }}
+{{- if and (eq .protocol "amqp") (not (hasPrefix "amqp" .host)) }}
+{{- fail (printf "autoscaling.protocol is amqp, so autoscaling.host must be an amqp:// or amqps:// URL, not %s" .host) }}
+{{- end }}
+{{- if and (eq .protocol "http") (le (float64 .targetQueueLength) (float64 $w.prefetch)) }}
+{{- fail (printf "autoscaling.targetQueueLength (%v) must exceed worker.prefetch (%v): over the management API the unacknowledged messages a busy replica holds count too, so a target at or below prefetch would scale out replicas that have nothing to do" .targetQueueLength $w.prefetch) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
