@@ -43,8 +43,8 @@ def mlp_model(path: Path, width: int = 256, hidden: int = 256, layers: int = 3, 
     nodes, inits = [], []
     current, dim = "x", width
     for i in range(layers):
-        w = rng.standard_normal((dim, hidden), dtype=np.float32) / np.sqrt(dim)
-        b = rng.standard_normal(hidden, dtype=np.float32) * 0.01
+        w = (rng.standard_normal((dim, hidden)) / np.sqrt(dim)).astype(np.float32)
+        b = (rng.standard_normal(hidden) * 0.01).astype(np.float32)
         inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
         nodes += [
             helper.make_node("Gemm", [current, f"w{i}", f"b{i}"], [f"h{i}"]),

@@ -156,6 +156,7 @@ class Worker:
         self.metrics = WorkerMetrics()
         self.health = HealthState()
         self.stop_event = asyncio.Event()
+        self.consuming_event = asyncio.Event()
         self._pending: deque[Batchable[Job]] = deque()
         self._wakeup = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -225,6 +226,7 @@ class Worker:
         self._queue = await declare_request_queue(channel, s)
         self._consumer_tag = await self._queue.consume(self._on_message)
         self.health.consuming = True
+        self.consuming_event.set()
         log.info(
             "worker_started",
             model=pipeline.name,
