@@ -7,6 +7,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
 export AMQP_URL
+# KEDA's CRD schemas for the chart tests (tests skip, saying why, when the folder is missing).
+KEDA_CRDS_DIR ?= $(abspath ../shared/keda-crds)
+export KEDA_CRDS_DIR
 
 .PHONY: help
 help: ## List the targets
