@@ -40,6 +40,10 @@ def results_queue(job_id: str) -> str:
     return f"results.{job_id}"
 
 
+RESULTS_QUEUE_ARGUMENTS: dict[str, str] = {"x-queue-type": "quorum"}
+"""The ``x-`` arguments of a bulk job's results queue (durable, replicated: replies outlive the producer)."""
+
+
 def is_direct_reply_to(reply_to: str) -> bool:
     """True when ``reply_to`` is a direct reply-to address rather than a real queue."""
     return reply_to.startswith(DIRECT_REPLY_TO)

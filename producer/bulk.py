@@ -1,0 +1,557 @@
+"""Bulk jobs: stream a JSONL file through the workers into a JSONL file, resumable after a crash.
+
+How a job survives restarts:
+
+* Replies go to a durable quorum queue per job (:func:`producer.names.results_queue`), declared
+  before the first request, so replies that arrive while the producer is down wait there.
+* The output file is the job's only other state: a rerun with the same job id skips every row
+  already in it, first collects the replies waiting in the results queue, then sends the rest.
+* Each request body's ``id`` names its rows (:func:`producer.jsonl.encode_body_id`), so a reply
+  to a request sent before the restart still maps back to its rows. A row is written at most
+  once (the output is checked by id) and a run ends only when every row is written, so each
+  input row appears in the output exactly once.
+
+Flow control: at most ``max_in_flight`` packed requests are outstanding (published and not yet
+written); the input is read one line at a time. Publishes use publisher confirms and
+``mandatory`` (a missing request queue fails the job instead of losing requests).
+
+A request that gets an error reply while carrying several rows is split in halves and sent
+again, so one bad row is reported on its own and its neighbours still get results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import hashlib
+import re
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, Any, Literal, Protocol
+
+import aio_pika
+import aio_pika.abc
+import aio_pika.exceptions
+import structlog
+
+from producer.errors import ConnectionLostError, InferenceError, ProtocolError, PublishRefusedError
+from producer.jsonl import (
+    LINE_KEYED_CODES,
+    BadRow,
+    Packer,
+    Row,
+    RowErrorCode,
+    batch_inputs,
+    count_rows,
+    decode_body_id,
+    encode_body_id,
+    error_line,
+    iter_input,
+    parse_row,
+    read_output,
+    result_lines,
+)
+from producer.messages import request_message
+from producer.names import CONTENT_TYPE_MSGPACK, DEFAULT_AMQP_URL, DEFAULT_QUEUE, RESULTS_QUEUE_ARGUMENTS, results_queue
+from producer.protocol import ErrorCode, ErrorReply, decode_reply, encode_request
+
+__all__ = ["BulkJob", "BulkOptions", "BulkSummary", "JobFailedError", "ProgressSink", "default_job_id"]
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_ROWS_PER_MESSAGE = 32
+DEFAULT_MAX_IN_FLIGHT = 64
+Order = Literal["arrival", "input"]
+
+_JOB_ID = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+
+
+class JobFailedError(InferenceError):
+    """Raised when a bulk job cannot go on (broker gone, queue missing); rerun it to resume."""
+
+
+def default_job_id(output_path: Path) -> str:
+    """A job id derived from the output file's absolute path, so a plain rerun resumes the job."""
+    digest = hashlib.sha1(str(output_path.resolve()).encode()).hexdigest()[:10]
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "-", output_path.stem)[:60] or "job"
+    return f"{stem}-{digest}"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BulkOptions:
+    """What one bulk job does.
+
+    Args:
+        input_path: JSONL input (see :mod:`producer.jsonl` for the row format).
+        output_path: JSONL output; appended to, and read first to resume.
+        queue: request queue the workers consume.
+        job_id: names the results queue; the same id resumes the job (default: from ``output_path``).
+        amqp_url: RabbitMQ URL.
+        rows_per_message: rows packed into one request (at most the workers' ``--max-batch``).
+        max_in_flight: packed requests outstanding at once (the flow-control window).
+        order: ``arrival`` writes rows as replies arrive; ``input`` writes them in input order.
+        content_type: request encoding (msgpack is the fast path).
+        text_input: input name for rows with ``"text"``.
+        default_datatype: datatype of numeric ``inputs`` values (OIP name).
+        datatypes: per-input datatype overrides.
+    """
+
+    input_path: Path
+    output_path: Path
+    queue: str = DEFAULT_QUEUE
+    job_id: str | None = None
+    amqp_url: str = DEFAULT_AMQP_URL
+    rows_per_message: int = DEFAULT_ROWS_PER_MESSAGE
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    order: Order = "arrival"
+    content_type: str = CONTENT_TYPE_MSGPACK
+    text_input: str = "text"
+    default_datatype: str = "FP32"
+    datatypes: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.rows_per_message < 1:
+            raise ValueError(f"--rows-per-message must be at least 1, got {self.rows_per_message}")
+        if self.max_in_flight < 1:
+            raise ValueError(f"--max-in-flight must be at least 1, got {self.max_in_flight}")
+        if self.job_id is not None and not _JOB_ID.match(self.job_id):
+            raise ValueError(f"--job-id {self.job_id!r}: use 1-200 letters, digits, '.', '_' or '-'")
+
+    @property
+    def resolved_job_id(self) -> str:
+        """``job_id``, or the one derived from the output path."""
+        return self.job_id or default_job_id(self.output_path)
+
+
+@dataclasses.dataclass
+class BulkSummary:
+    """What a run did. Counts are rows unless named otherwise."""
+
+    job_id: str
+    input_rows: int = 0
+    skipped: int = 0
+    """Rows already in the output when the run started."""
+    written: int = 0
+    """Rows this run added to the output (results and errors)."""
+    failed: int = 0
+    """Rows this run reported as errors."""
+    failed_before: int = 0
+    """Error rows already in the output when the run started."""
+    collected: int = 0
+    """Rows answered by requests an earlier run sent (collected from the results queue)."""
+    messages: int = 0
+    """Requests published (splits included)."""
+    splits: int = 0
+    """Multi-row requests split in halves after an error reply."""
+    errors_by_code: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    elapsed_s: float = 0.0
+
+    @property
+    def failed_total(self) -> int:
+        """Error rows in the whole output file."""
+        return self.failed + self.failed_before
+
+    @property
+    def rows_per_s(self) -> float:
+        """Rows written per second of this run."""
+        return self.written / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+class ProgressSink(Protocol):
+    """Receives progress; the CLI draws a progress bar from it."""
+
+    def start(self, total_rows: int) -> None:
+        """The run will write about ``total_rows`` rows."""
+
+    def advance(self, rows: int, failed: int) -> None:
+        """``rows`` more rows were written, ``failed`` of them errors."""
+
+
+@dataclasses.dataclass(slots=True)
+class _Unit:
+    """One slot of the flow-control window: a packed request and its splits."""
+
+    remaining: int
+
+
+@dataclasses.dataclass(slots=True)
+class _Slot:
+    """A row that is scanned and not yet written."""
+
+    line: int
+    id: str | None
+    keyed: bool
+    """Known by id in the output (False for rows the producer rejected)."""
+    unit: _Unit | None = None
+    text: bytes | None = None
+    code: str | None = None
+
+
+class BulkJob:
+    """One run of a bulk job. ``await BulkJob(options).run()`` returns a :class:`BulkSummary`.
+
+    Raises from :meth:`run`:
+        JobFailedError: the job cannot go on; the results queue is kept, so a rerun resumes.
+    """
+
+    def __init__(self, options: BulkOptions, progress: ProgressSink | None = None) -> None:
+        self.options = options
+        self.job_id = options.resolved_job_id
+        self.results_queue = results_queue(self.job_id)
+        self.summary = BulkSummary(job_id=self.job_id)
+        self._progress = progress
+        self._nonce = uuid.uuid4().hex[:8]
+        self._seq = 0
+        self._done_ids: set[str] = set()
+        self._done_lines: set[int] = set()
+        self._seen: set[str] = set()
+        self._pending: dict[str, _Slot] = {}
+        self._order: collections.deque[_Slot] = collections.deque()
+        self._early: dict[str, tuple[bytes, str | None]] = {}
+        self._requests: dict[str, list[Row]] = {}
+        self._unwritten = 0
+        self._scanning = True
+        self._window = asyncio.Semaphore(options.max_in_flight)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._inbox: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
+        self._collected_waiting: asyncio.Future[None] | None = None
+        self._finished: asyncio.Future[None] | None = None
+        self._out: IO[bytes] | None = None
+        self._publish_channel: aio_pika.abc.AbstractChannel | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # The run
+
+    async def run(self) -> BulkSummary:
+        """Run (or resume) the job to completion; the results queue is deleted when it completes."""
+        opts = self.options
+        started_s = time.monotonic()
+        self._finished = asyncio.get_running_loop().create_future()
+        state = read_output(opts.output_path)
+        self._done_ids, self._done_lines = state.done_ids, state.done_lines
+        self.summary.failed_before = state.failed
+        if self._progress is not None:
+            self._progress.start(max(0, count_rows(opts.input_path) - state.rows))
+        log.info("bulk_start", job_id=self.job_id, queue=opts.queue, already_done=state.rows)
+        try:
+            publisher = await aio_pika.connect(opts.amqp_url)
+        except (*aio_pika.exceptions.CONNECTION_EXCEPTIONS, TimeoutError) as e:
+            raise JobFailedError(f"cannot connect to the broker: {e}") from e
+        try:
+            consumer = await aio_pika.connect(opts.amqp_url)
+        except (*aio_pika.exceptions.CONNECTION_EXCEPTIONS, TimeoutError) as e:
+            await publisher.close()
+            raise JobFailedError(f"cannot connect to the broker: {e}") from e
+        try:
+            for connection in (publisher, consumer):
+                connection.close_callbacks.add(self._on_connection_closed)
+            with opts.output_path.open("ab") as self._out:
+                await self._run(publisher, consumer)
+                self._out.flush()
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            for connection in (publisher, consumer):
+                connection.close_callbacks.discard(self._on_connection_closed)
+                await connection.close()
+        self.summary.elapsed_s = time.monotonic() - started_s
+        log.info("bulk_done", job_id=self.job_id, written=self.summary.written, failed=self.summary.failed)
+        return self.summary
+
+    async def _run(self, publisher: aio_pika.abc.AbstractConnection, consumer: aio_pika.abc.AbstractConnection) -> None:
+        opts = self.options
+        self._publish_channel = await publisher.channel(publisher_confirms=True, on_return_raises=True)
+        channel = await consumer.channel()
+        await channel.set_qos(prefetch_count=2 * opts.max_in_flight + 16)
+        queue = await channel.declare_queue(
+            self.results_queue, durable=True, arguments=dict[str, Any](RESULTS_QUEUE_ARGUMENTS)
+        )
+        waiting = queue.declaration_result.message_count or 0
+        for ch in (self._publish_channel, channel):
+            ch.close_callbacks.add(self._on_connection_closed)
+        self._collected_waiting = asyncio.get_running_loop().create_future()
+        await queue.consume(self._on_message)
+        self._own(self._handle_replies(waiting_at_start=waiting))
+        if waiting:
+            log.info("bulk_collecting", job_id=self.job_id, waiting=waiting)
+            assert self._collected_waiting is not None
+            await self._wait(self._collected_waiting)
+        await self._scan()
+        self._scanning = False
+        self._early.clear()
+        self._check_finished()
+        await self._wait(self._finished_future())
+        await queue.delete(if_unused=False, if_empty=False)
+
+    def _finished_future(self) -> asyncio.Future[None]:
+        assert self._finished is not None
+        return self._finished
+
+    async def _wait(self, future: asyncio.Future[Any]) -> None:
+        """Wait for ``future``, or raise the job's failure if that comes first."""
+        finished = self._finished_future()
+        if future is not finished:
+            await asyncio.wait([future, finished], return_when=asyncio.FIRST_COMPLETED)
+            if finished.done():
+                finished.result()
+        await future
+
+    def _fail(self, error: BaseException) -> None:
+        finished = self._finished_future()
+        if not finished.done():
+            if not isinstance(error, JobFailedError):
+                error = JobFailedError(f"{error}; rerun with --job-id {self.job_id} to resume")
+            finished.set_exception(error)
+
+    def _on_connection_closed(self, _sender: object, exc: BaseException | None) -> None:
+        self._fail(ConnectionLostError(f"the broker connection closed ({exc or 'closed'})"))
+
+    def _own(self, coro: collections.abc.Coroutine[None, None, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._fail(task.exception())  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------------------------------
+    # Sending
+
+    async def _scan(self) -> None:
+        opts = self.options
+        packer = Packer(opts.rows_per_message)
+        for line, text in iter_input(opts.input_path):
+            self.summary.input_rows += 1
+            parsed = parse_row(
+                line,
+                text,
+                text_input=opts.text_input,
+                default_datatype=opts.default_datatype,
+                datatypes=opts.datatypes,
+            )
+            slot = self._admit(parsed)
+            if slot is None:
+                continue
+            if isinstance(parsed, BadRow):
+                self._add_resolved(slot, error_line(line, parsed.id, parsed.code, parsed.message), parsed.code)
+            elif slot.text is not None:
+                self._add_resolved(slot, slot.text, slot.code)
+            else:
+                self._add_pending(slot)
+                for group in packer.add(parsed):
+                    await self._send(group)
+            if self._finished_future().done():
+                self._finished_future().result()
+        last = packer.flush()
+        if last:
+            await self._send(last)
+
+    def _admit(self, parsed: Row | BadRow) -> _Slot | None:
+        """The slot of a scanned row, or None when the output already has it."""
+        keyed = parsed.id is not None and not (isinstance(parsed, BadRow) and parsed.code in LINE_KEYED_CODES)
+        if parsed.line in self._done_lines:
+            return None
+        if not keyed:
+            return _Slot(parsed.line, parsed.id, keyed=False)
+        assert parsed.id is not None
+        if parsed.id in self._seen:
+            slot = _Slot(parsed.line, parsed.id, keyed=False)
+            message = f"id {parsed.id!r} appeared on an earlier line; only the first is sent"
+            slot.text = error_line(parsed.line, parsed.id, RowErrorCode.DUPLICATE_ID, message)
+            slot.code = RowErrorCode.DUPLICATE_ID
+            return slot
+        self._seen.add(parsed.id)
+        if parsed.id in self._done_ids:
+            self.summary.skipped += 1
+            return None
+        slot = _Slot(parsed.line, parsed.id, keyed=True)
+        early = self._early.pop(parsed.id, None)
+        if early is not None:
+            slot.text, slot.code = early
+        return slot
+
+    def _add_resolved(self, slot: _Slot, text: bytes, code: str | None) -> None:
+        slot.text, slot.code = text, code
+        self._unwritten += 1
+        if self.options.order == "input":
+            self._order.append(slot)
+            self._write_ready()
+        else:
+            self._write(slot)
+
+    def _add_pending(self, slot: _Slot) -> None:
+        assert slot.id is not None
+        self._unwritten += 1
+        self._pending[slot.id] = slot
+        if self.options.order == "input":
+            self._order.append(slot)
+
+    async def _send(self, group: list[Row]) -> None:
+        await self._wait_for_window()
+        # Rows answered meanwhile by an earlier run's request need no request.
+        rows = [r for r in group if (s := self._pending.get(r.id)) is not None and s.text is None]
+        if not rows:
+            self._window.release()
+            return
+        unit = _Unit(remaining=len(rows))
+        for row in rows:
+            self._pending[row.id].unit = unit
+        self._publish(rows)
+        await asyncio.sleep(0)  # let replies and confirms in between publishes
+
+    async def _wait_for_window(self) -> None:
+        acquire = asyncio.ensure_future(self._window.acquire())
+        try:
+            await self._wait(acquire)
+        finally:
+            if not acquire.done():
+                acquire.cancel()
+
+    def _publish(self, rows: list[Row]) -> None:
+        opts = self.options
+        self._seq += 1
+        request_id = f"{self.job_id}.{self._nonce}.{self._seq}"
+        body = encode_request(batch_inputs(rows), opts.content_type, request_id=encode_body_id(request_id, rows))
+        message = request_message(
+            body, request_id=request_id, content_type=opts.content_type, reply_to=self.results_queue, persistent=True
+        )
+        self._requests[request_id] = rows
+        self.summary.messages += 1
+        self._own(self._publish_one(message))
+
+    async def _publish_one(self, message: aio_pika.Message) -> None:
+        assert self._publish_channel is not None
+        queue = self.options.queue
+        try:
+            await self._publish_channel.default_exchange.publish(message, routing_key=queue, mandatory=True)
+        except aio_pika.exceptions.PublishError as e:
+            raise PublishRefusedError(
+                f"no queue named {queue!r}: start a worker for it (it declares the queue) and rerun"
+            ) from e
+        except aio_pika.exceptions.DeliveryError as e:
+            raise PublishRefusedError(f"the broker refused a request to queue {queue!r} (nack)") from e
+
+    # ------------------------------------------------------------------------------------------
+    # Receiving
+
+    async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        self._inbox.put_nowait(message)
+
+    async def _handle_replies(self, waiting_at_start: int) -> None:
+        """Handle replies one at a time: write their rows, flush, then ack."""
+        handled = 0
+        while True:
+            message = await self._inbox.get()
+            self._handle_reply(message)
+            assert self._out is not None
+            self._out.flush()
+            await message.ack()
+            handled += 1
+            if handled == waiting_at_start and self._collected_waiting is not None:
+                self._collected_waiting.set_result(None)
+
+    def _handle_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        request_id = message.correlation_id or ""
+        sent = self._requests.pop(request_id, None)
+        try:
+            reply = decode_reply(message.body, message.content_type)
+        except ProtocolError as e:
+            log.warning("bulk_bad_reply", job_id=self.job_id, request_id=request_id, error=str(e))
+            if sent is not None:
+                self._on_error(sent, e.code, f"the worker's reply could not be decoded: {e.message}")
+            return
+        if isinstance(reply, ErrorReply):
+            if sent is not None:
+                self._on_error(sent, reply.code, reply.message)
+            # An earlier run's failed request: this run sends its rows again, so drop it.
+            return
+        rows = [(r.line, r.id) for r in sent] if sent is not None else decode_body_id(reply.id)
+        if rows is None:
+            log.warning("bulk_unknown_reply", job_id=self.job_id, request_id=request_id)
+            return
+        try:
+            lines = result_lines(rows, reply)
+        except ValueError as e:
+            if sent is not None:
+                self._on_error(sent, ErrorCode.INTERNAL, f"the worker's reply does not match the request: {e}")
+            return
+        for (_, row_id), text in zip(rows, lines, strict=True):
+            self._resolve(row_id, text, None, earlier_run=sent is None)
+
+    def _on_error(self, rows: list[Row], code: str, message: str) -> None:
+        unresolved = [r for r in rows if (s := self._pending.get(r.id)) is not None and s.text is None]
+        if len(unresolved) > 1:
+            self.summary.splits += 1
+            half = len(unresolved) // 2
+            self._publish(unresolved[:half])
+            self._publish(unresolved[half:])
+            return
+        for row in unresolved:
+            self._resolve(row.id, error_line(row.line, row.id, code, message), code, earlier_run=False)
+
+    def _resolve(self, row_id: str, text: bytes, code: str | None, *, earlier_run: bool) -> None:
+        """A row has its result (or error); write it unless the output already has it."""
+        if row_id in self._done_ids:
+            return
+        slot = self._pending.get(row_id)
+        if slot is None:
+            if not earlier_run:
+                return
+            if self.options.order == "arrival":
+                # Not scanned yet: write now; the scan will find the id done and skip it.
+                slot = _Slot(0, row_id, keyed=True, text=text, code=code)
+                self._unwritten += 1
+                self.summary.collected += 1
+                self._write(slot)
+            elif self._scanning:
+                self._early[row_id] = (text, code)
+            return
+        if slot.text is not None:
+            return
+        slot.text, slot.code = text, code
+        if earlier_run:
+            self.summary.collected += 1
+        if self.options.order == "input":
+            self._write_ready()
+        else:
+            self._write(slot)
+
+    # ------------------------------------------------------------------------------------------
+    # Writing
+
+    def _write_ready(self) -> None:
+        while self._order and self._order[0].text is not None:
+            self._write(self._order.popleft())
+
+    def _write(self, slot: _Slot) -> None:
+        assert self._out is not None
+        assert slot.text is not None
+        self._out.write(slot.text)
+        self._unwritten -= 1
+        if slot.keyed:
+            assert slot.id is not None
+            self._done_ids.add(slot.id)
+            self._pending.pop(slot.id, None)
+        self.summary.written += 1
+        failed = slot.code is not None
+        if failed:
+            self.summary.failed += 1
+            self.summary.errors_by_code[str(slot.code)] += 1
+        if slot.unit is not None:
+            slot.unit.remaining -= 1
+            if slot.unit.remaining == 0:
+                self._window.release()
+        if self._progress is not None:
+            self._progress.advance(1, int(failed))
+        self._check_finished()
+
+    def _check_finished(self) -> None:
+        finished = self._finished_future()
+        if not self._scanning and self._unwritten == 0 and not finished.done():
+            finished.set_result(None)
