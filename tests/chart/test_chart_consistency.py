@@ -1,0 +1,261 @@
+"""The chart and the worker agree: settings, queue, drain timeout; the values schema catches mistakes."""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from typing import Any
+from urllib.parse import urlsplit
+
+import helm_python as helm
+import pytest
+import yaml
+
+from tests.chart.helpers import (
+    CHART_DIR,
+    INSTALL_TIME_CREDENTIALS,
+    REPO_ROOT,
+    Helm,
+    Scenario,
+    deep_merge,
+    render,
+    scenario_params,
+    values_files,
+)
+from worker.settings import ENV_VARS, SETTINGS, Settings
+
+# Worker settings a Deployment does not set through the ConfigMap, and why.
+NOT_IN_CONFIGMAP = {
+    "AMQP_URL": "holds credentials: it comes from the Secret",
+    "WORKER_EXIT_WHEN_IDLE": "for batch runs and tests: a Deployment's worker must not exit when the queue drains",
+}
+# Worker settings whose chart key is not worker.<camelCase field>.
+CHART_KEYS = {"model": ("model", "path")}
+# Where the chart's default deliberately differs from the worker's, and why.
+DELIBERATE_DEFAULTS = {
+    "model": "the image's absolute model path",
+    "device": "cuda, so a GPU pod without a usable GPU fails loudly instead of running on CPU",
+    "log_format": "json, for log collectors (no TTY in a pod anyway)",
+}
+
+
+def camel(field: str) -> str:
+    head, *rest = field.split("_")
+    return head + "".join(part.capitalize() if part != "s" else "S" for part in rest)
+
+
+def chart_key(field: str) -> tuple[str, ...]:
+    return CHART_KEYS.get(field, ("worker", camel(field)))
+
+
+def dig(values: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        values = values[key]
+    return values
+
+
+def chart_defaults() -> dict[str, Any]:
+    return Helm.load_chart().values
+
+
+@pytest.mark.parametrize("scenario", scenario_params())
+def test_every_variable_the_deployment_sets_is_a_worker_setting(scenario: Scenario) -> None:
+    env = render(scenario.values()).worker_env()
+    assert set(env) <= ENV_VARS, f"not worker settings: {sorted(set(env) - ENV_VARS)}"
+    assert set(env) == ENV_VARS - {"WORKER_EXIT_WHEN_IDLE"}
+    assert env["AMQP_URL"].startswith("secret:"), "AMQP_URL holds credentials: it must come from a Secret"
+
+
+@pytest.mark.parametrize("scenario", scenario_params())
+def test_the_worker_accepts_the_settings_the_chart_renders(scenario: Scenario) -> None:
+    env = render(scenario.values()).worker_env()
+    env["AMQP_URL"] = "amqp://user:password@rabbitmq:5672/"
+    settings = Settings.from_env(env)
+    values = Helm.load_chart().merge_values(scenario.values())
+    for spec in SETTINGS:
+        if spec.env in NOT_IN_CONFIGMAP:
+            continue
+        expected = spec.parse(str(dig(values, chart_key(spec.field))))
+        assert getattr(settings, spec.field) == expected, spec.env
+
+
+@pytest.mark.parametrize("scenario", scenario_params())
+def test_the_trigger_watches_the_queue_the_worker_consumes(scenario: Scenario) -> None:
+    rendered = render(scenario.values())
+    queue = rendered.worker_env()["WORKER_QUEUE"]
+    for scaled_object in rendered.of_kind("ScaledObject"):
+        assert [t["metadata"]["queueName"] for t in scaled_object["spec"]["triggers"]] == [queue]
+
+
+@pytest.mark.parametrize("scenario", scenario_params())
+def test_grace_period_covers_the_drain_timeout(scenario: Scenario) -> None:
+    rendered = render(scenario.values())
+    grace_s = rendered.one("Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace_s > float(rendered.worker_env()["WORKER_DRAIN_TIMEOUT_S"])
+
+
+def test_a_grace_period_shorter_than_the_drain_timeout_is_refused() -> None:
+    values = deep_merge(INSTALL_TIME_CREDENTIALS, {"worker": {"drainTimeoutS": 60}, "terminationGracePeriodSeconds": 65})
+    with pytest.raises(helm.HelmError, match=r"terminationGracePeriodSeconds \(65\) must be at least"):
+        render(values)
+    values["terminationGracePeriodSeconds"] = 70
+    assert render(values).one("Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 70
+
+
+def test_a_target_at_or_below_prefetch_is_refused_over_the_management_api() -> None:
+    values = deep_merge(INSTALL_TIME_CREDENTIALS, {"worker": {"prefetch": 512}, "autoscaling": {"targetQueueLength": 512}})
+    with pytest.raises(helm.HelmError, match=r"targetQueueLength \(512\) must exceed worker.prefetch"):
+        render(values)
+
+
+def test_credentials_in_the_keda_host_are_refused() -> None:
+    # The schema refuses them first; with schema checks skipped the template still does.
+    values = deep_merge(INSTALL_TIME_CREDENTIALS, {"autoscaling": {"host": "http://guest:guest@rabbitmq:15672/"}})
+    with pytest.raises(helm.HelmError, match="autoscaling.host"):
+        render(values)
+
+
+def test_every_worker_setting_has_one_chart_key() -> None:
+    exposed = {camel(spec.field) for spec in SETTINGS if spec.env not in NOT_IN_CONFIGMAP and spec.field not in CHART_KEYS}
+    assert set(chart_defaults()["worker"]) == exposed
+
+
+def test_chart_defaults_are_the_worker_defaults_unless_deliberate() -> None:
+    for spec in SETTINGS:
+        if spec.env in NOT_IN_CONFIGMAP or spec.field in DELIBERATE_DEFAULTS:
+            continue
+        chart_value = spec.parse(str(dig(chart_defaults(), chart_key(spec.field))))
+        assert chart_value == spec.default, f"{spec.env}: chart {chart_value!r}, worker {spec.default!r}"
+
+
+def worker_schema() -> dict[str, Any]:
+    schema: dict[str, Any] = json.loads((CHART_DIR / "values.schema.json").read_text())
+    return schema
+
+
+def test_schema_ranges_and_choices_are_the_workers() -> None:
+    properties = worker_schema()["properties"]["worker"]["properties"]
+    for spec in SETTINGS:
+        if spec.env in NOT_IN_CONFIGMAP or spec.field in CHART_KEYS:
+            continue
+        declared = properties[camel(spec.field)]
+        if spec.choices is not None:
+            assert declared["enum"] == list(spec.choices), spec.env
+        if spec.field == "http_port":
+            # The worker accepts 0 (no HTTP server); the chart needs the server for its probes.
+            assert (declared["minimum"], declared["maximum"]) == (1, spec.maximum)
+        elif spec.minimum is not None:
+            assert (declared["minimum"], declared["maximum"]) == (spec.minimum, spec.maximum), spec.env
+
+
+@pytest.mark.parametrize(
+    ("override", "complaint"),
+    [
+        pytest.param({"worker": {"prefech": 128}}, "prefech", id="typo-in-worker"),
+        pytest.param({"autoscaling": {"minReplica": 0}}, "minReplica", id="typo-in-autoscaling"),
+        pytest.param({"replicas": 3}, "replicas", id="unknown-top-level-key"),
+        pytest.param({"worker": {"device": "tpu"}}, "device", id="device-not-a-choice"),
+        pytest.param({"worker": {"prefetch": 0}}, "prefetch", id="prefetch-below-range"),
+        pytest.param({"worker": {"httpPort": 0}}, "httpPort", id="no-http-server"),
+        pytest.param({"autoscaling": {"minReplicas": -1}}, "minReplicas", id="negative-replicas"),
+        pytest.param({"autoscaling": {"protocol": "https"}}, "protocol", id="protocol-not-a-choice"),
+        pytest.param({"autoscaling": {"host": "http://guest:guest@rabbitmq:15672/"}}, "host", id="credentials-in-host"),
+        pytest.param({"worker": {"maxBatch": "64"}}, "maxBatch", id="number-as-string"),
+    ],
+)
+def test_the_values_schema_rejects_mistakes(override: dict[str, Any], complaint: str) -> None:
+    chart = Helm.load_chart()
+    with pytest.raises(helm.HelmValuesError, match=complaint):
+        chart.validate_schema(chart.merge_values(deep_merge(INSTALL_TIME_CREDENTIALS, override)))
+
+
+@pytest.mark.parametrize("path", values_files(), ids=lambda p: str(p.relative_to(CHART_DIR)))
+def test_values_files_hold_no_credentials(path: Any) -> None:
+    text = path.read_text()
+    values = yaml.safe_load(text) or {}
+    for key, value in values.get("broker", {}).get("auth", {}).items():
+        assert not value, f"broker.auth.{key} is set in {path.name}: pass credentials at install time"
+    for url in strings(values):
+        if "://" in url:
+            assert urlsplit(url).password is None, f"{path.name} has a URL with credentials"
+
+
+def strings(node: Any) -> list[str]:
+    """Every string value in a parsed YAML document (comments are documentation, not values)."""
+    if isinstance(node, dict):
+        return [text for value in node.values() for text in strings(value)]
+    if isinstance(node, list):
+        return [text for value in node for text in strings(value)]
+    return [node] if isinstance(node, str) else []
+
+
+@pytest.mark.parametrize("path", values_files(), ids=lambda p: str(p.relative_to(CHART_DIR)))
+def test_values_files_pass_the_schema(path: Any) -> None:
+    chart = Helm.load_chart()
+    chart.validate_schema(chart.merge_values(yaml.safe_load(path.read_text()) or {}))
+
+
+def documented_keys(lines: list[str]) -> tuple[set[tuple[str, ...]], set[tuple[str, ...]]]:
+    """(every key path in a values.yaml, the paths that carry a `# --` comment), from the file's lines."""
+    keys: set[tuple[str, ...]] = set()
+    documented: set[tuple[str, ...]] = set()
+    stack: list[tuple[int, str]] = []
+    pending = False
+    for line in lines:
+        stripped = line.strip()
+        if stripped.startswith("# --"):
+            pending = True
+            continue
+        if stripped.startswith("#") or not stripped:
+            continue
+        match = re.match(r"^(\s*)([A-Za-z0-9_.-]+):", line)
+        if match is None:  # list items and continuation lines belong to the key above
+            continue
+        indent = len(match.group(1))
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, match.group(2)))
+        path = tuple(name for _, name in stack)
+        keys.add(path)
+        if pending:
+            documented.add(path)
+        pending = False
+    return keys, documented
+
+
+def test_every_values_key_has_a_helm_docs_comment() -> None:
+    lines = (CHART_DIR / "values.yaml").read_text().splitlines()
+    keys, documented = documented_keys(lines)
+    parents = {path[:i] for path in keys for i in range(1, len(path))}
+    undocumented = [
+        ".".join(path)
+        for path in sorted(keys)
+        if not any(path[:i] in documented for i in range(1, len(path) + 1)) and path not in parents
+    ]
+    assert not undocumented, f"keys without a `# --` comment: {undocumented}"
+
+
+def test_values_files_point_editors_at_the_schema() -> None:
+    for path in [CHART_DIR / "values.yaml", *sorted(CHART_DIR.glob("values-*.yaml"))]:
+        assert path.read_text().splitlines()[0] == "# yaml-language-server: $schema=values.schema.json", path.name
+
+
+def test_schema_is_draft_07_and_closed_wherever_a_typo_could_hide() -> None:
+    schema = worker_schema()
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+
+    def walk(node: dict[str, Any], where: str) -> None:
+        if "properties" in node:
+            assert node.get("additionalProperties") is False, f"{where} accepts unknown keys"
+            for name, child in node["properties"].items():
+                assert "description" in child, f"{where}.{name} has no description"
+                walk(child, f"{where}.{name}")
+
+    walk(schema, "values")
+
+
+def test_chart_app_version_is_the_projects_version() -> None:
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    chart = yaml.safe_load((CHART_DIR / "Chart.yaml").read_text())
+    assert chart["appVersion"] == project["version"]
