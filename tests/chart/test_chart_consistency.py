@@ -96,7 +96,9 @@ def test_grace_period_covers_the_drain_timeout(scenario: Scenario) -> None:
 
 
 def test_a_grace_period_shorter_than_the_drain_timeout_is_refused() -> None:
-    values = deep_merge(INSTALL_TIME_CREDENTIALS, {"worker": {"drainTimeoutS": 60}, "terminationGracePeriodSeconds": 65})
+    values = deep_merge(
+        INSTALL_TIME_CREDENTIALS, {"worker": {"drainTimeoutS": 60}, "terminationGracePeriodSeconds": 65}
+    )
     with pytest.raises(helm.HelmError, match=r"terminationGracePeriodSeconds \(65\) must be at least"):
         render(values)
     values["terminationGracePeriodSeconds"] = 70
@@ -104,7 +106,9 @@ def test_a_grace_period_shorter_than_the_drain_timeout_is_refused() -> None:
 
 
 def test_a_target_at_or_below_prefetch_is_refused_over_the_management_api() -> None:
-    values = deep_merge(INSTALL_TIME_CREDENTIALS, {"worker": {"prefetch": 512}, "autoscaling": {"targetQueueLength": 512}})
+    values = deep_merge(
+        INSTALL_TIME_CREDENTIALS, {"worker": {"prefetch": 512}, "autoscaling": {"targetQueueLength": 512}}
+    )
     with pytest.raises(helm.HelmError, match=r"targetQueueLength \(512\) must exceed worker.prefetch"):
         render(values)
 
@@ -112,12 +116,14 @@ def test_a_target_at_or_below_prefetch_is_refused_over_the_management_api() -> N
 def test_credentials_in_the_keda_host_are_refused() -> None:
     # The schema refuses them first; with schema checks skipped the template still does.
     values = deep_merge(INSTALL_TIME_CREDENTIALS, {"autoscaling": {"host": "http://guest:guest@rabbitmq:15672/"}})
-    with pytest.raises(helm.HelmError, match="autoscaling.host"):
+    with pytest.raises(helm.HelmError, match=r"autoscaling\.host"):
         render(values)
 
 
 def test_every_worker_setting_has_one_chart_key() -> None:
-    exposed = {camel(spec.field) for spec in SETTINGS if spec.env not in NOT_IN_CONFIGMAP and spec.field not in CHART_KEYS}
+    exposed = {
+        camel(spec.field) for spec in SETTINGS if spec.env not in NOT_IN_CONFIGMAP and spec.field not in CHART_KEYS
+    }
     assert set(chart_defaults()["worker"]) == exposed
 
 

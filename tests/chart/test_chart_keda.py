@@ -78,7 +78,9 @@ def rabbitmq_trigger_problems(trigger: dict[str, Any], auth_parameters: set[str]
     metadata: dict[str, str] = trigger["metadata"]
     problems = [f"unknown metadata key {key}" for key in sorted(set(metadata) - RABBITMQ_METADATA_KEYS)]
     problems += [f"unknown auth parameter {key}" for key in sorted(auth_parameters - RABBITMQ_AUTH_PARAMETERS)]
-    problems += [f"{key} set in both metadata and TriggerAuthentication" for key in sorted(set(metadata) & auth_parameters)]
+    problems += [
+        f"{key} set in both metadata and TriggerAuthentication" for key in sorted(set(metadata) & auth_parameters)
+    ]
     if "queueLength" in metadata:
         problems.append("queueLength is deprecated (and may not be combined with mode/value): use mode and value")
     mode = metadata.get("mode", "QueueLength")
@@ -173,7 +175,9 @@ def test_by_default_keda_counts_unacknowledged_messages_over_the_management_api(
 
 
 def test_scale_to_zero_scenario_lets_keda_remove_every_replica() -> None:
-    spec = render(Scenario("scale-to-zero", CHART_DIR / "ci" / "scale-to-zero-values.yaml").values()).one("ScaledObject")["spec"]
+    spec = render(Scenario("scale-to-zero", CHART_DIR / "ci" / "scale-to-zero-values.yaml").values()).one(
+        "ScaledObject"
+    )["spec"]
     assert spec["minReplicaCount"] == 0
     assert spec["cooldownPeriod"] > 0
     scale_down = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
