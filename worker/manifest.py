@@ -186,7 +186,7 @@ def load_manifest(folder: Path | str) -> Manifest:
         kind, allowed = _FIELDS[field]
         # bool is an int in Python; JSON true must not pass as a length, nor 1 as a boolean.
         if type(value) is not kind:
-            raise fail(field, f"must be a {_JSON_TYPE[kind]}, got {json.dumps(value)}")
+            raise fail(field, f"must be {_JSON_TYPE[kind]}, got {json.dumps(value)}")
         if allowed is not None and value not in allowed:
             raise fail(field, f"is {value!r}; allowed: {', '.join(map(str, allowed))}")
         if kind is int and isinstance(value, int) and value < 1:
@@ -206,4 +206,4 @@ def load_manifest(folder: Path | str) -> Manifest:
     return manifest
 
 
-_JSON_TYPE = {str: "string", int: "integer", bool: "boolean"}
+_JSON_TYPE = {str: "a string", int: "an integer", bool: "a boolean"}
