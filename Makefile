@@ -41,6 +41,24 @@ model: $(VENV)/.model-extra ## Export all-MiniLM-L6-v2 to ONNX into models/all-M
 broker: ## Make sure a RabbitMQ broker answers at AMQP_URL (starts a local one, or a container, if needed)
 	@scripts/ensure-broker.sh
 
+.PHONY: chart-lint
+chart-lint: install ## Lint and render the Helm chart per scenario; check it against Kubernetes, KEDA and the worker
+	$(BIN)/pytest -q tests/chart
+
+# IMAGE: the tag to build; MODEL_SOURCE=none leaves the model out of the image (mount it at run time).
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -n 1)
+IMAGE ?= qinfer:$(VERSION)
+MODEL_SOURCE ?= context
+
+.PHONY: image
+image: ## Build the worker image from the Containerfile with podman or docker (bakes in the default model)
+	@engine=$$(command -v podman || command -v docker) \
+	  || { echo "image: neither podman nor docker is installed; install one of them to build the Containerfile" >&2; exit 1; }; \
+	if [[ "$(MODEL_SOURCE)" == context && ! -f models/all-MiniLM-L6-v2/model.onnx ]]; then $(MAKE) model; fi; \
+	echo "image: building $(IMAGE) with $$engine (MODEL_SOURCE=$(MODEL_SOURCE))"; \
+	"$$engine" build -f Containerfile -t "$(IMAGE)" \
+	  --build-arg VERSION=$(VERSION) --build-arg MODEL_SOURCE=$(MODEL_SOURCE) .
+
 .PHONY: test
 test: install broker ## Run the whole test suite against a real broker
 	$(BIN)/pytest
