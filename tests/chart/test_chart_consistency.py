@@ -113,13 +113,6 @@ def test_a_target_at_or_below_prefetch_is_refused_over_the_management_api() -> N
         render(values)
 
 
-def test_credentials_in_the_keda_host_are_refused() -> None:
-    # The schema refuses them first; with schema checks skipped the template still does.
-    values = deep_merge(INSTALL_TIME_CREDENTIALS, {"autoscaling": {"host": "http://guest:guest@rabbitmq:15672/"}})
-    with pytest.raises(helm.HelmError, match=r"autoscaling\.host"):
-        render(values)
-
-
 def test_every_worker_setting_has_one_chart_key() -> None:
     exposed = {
         camel(spec.field) for spec in SETTINGS if spec.env not in NOT_IN_CONFIGMAP and spec.field not in CHART_KEYS

@@ -165,7 +165,7 @@ def test_notes_say_what_was_installed_and_how_to_send_a_request() -> None:
     assert "Deployment qinfer" in notes
     assert "ScaledObject qinfer" in notes
     assert "Scaled to zero" in notes
-    assert "producer send" in notes
+    assert '"producer","send"' in notes
     assert '"datatype":"BYTES"' in notes
 
 
