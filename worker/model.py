@@ -114,6 +114,9 @@ def open_session(path: Path, settings: Settings) -> ort.InferenceSession:
     if settings.intra_op_threads:
         options.intra_op_num_threads = settings.intra_op_threads
     options.log_severity_level = 3
+    # The worker's event loop shares the CPU with ONNX Runtime's threads: idle threads must sleep,
+    # not spin, or they steal the cores the loop needs to receive and reply.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         session = ort.InferenceSession(
             os.fspath(path), sess_options=options, providers=choose_providers(settings.device, settings.device_id)

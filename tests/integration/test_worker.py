@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aio_pika
@@ -37,9 +36,9 @@ async def rpc(connection: aio_pika.abc.AbstractConnection) -> RpcClient:
 
 
 @pytest.fixture
-async def queue(queue_name: str, cleanup_queues: list[str]) -> AsyncIterator[str]:
+async def queue(queue_name: str, cleanup_queues: list[str]) -> str:
     cleanup_queues.extend([dead_letter_queue(queue_name), queue_name])
-    yield queue_name
+    return queue_name
 
 
 def _reference(model: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -111,7 +110,8 @@ async def test_two_inputs_and_two_outputs_of_different_dtypes(
             ],
         )
     both, only_b = decoded(replies[0]), decoded(replies[1])
-    assert isinstance(both, InferReply) and isinstance(only_b, InferReply)
+    assert isinstance(both, InferReply)
+    assert isinstance(only_b, InferReply)
     np.testing.assert_array_equal(both.outputs["sum_a"], [[6.0], [15.0]])
     assert both.outputs["b_plus"].dtype == np.int64
     np.testing.assert_array_equal(both.outputs["b_plus"], b + 10)

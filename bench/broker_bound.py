@@ -1,0 +1,122 @@
+"""Broker-bound benchmark: a small MLP (FP32 [batch, 256], three dense layers), one row per message.
+
+Starts three consumers, each on its own queue, and drives them with the same client:
+  worker     this project's worker (batched, confirmed replies, batched acks)
+  echo       a bare aio-pika echo consumer (reply = request body, ack after the confirm)
+  unbatched  decode, run the model on one request, reply, ack
+at saturation (``--window`` requests in flight) and with one request in flight. The consumers are
+driven in turn, round after round, so background load falls on all of them alike; each figure is
+the median over the rounds. Prints msgs/s, p50/p99 latency and the ratios the worker is held to:
+  saturation msgs/s: worker / echo       (target >= 1.0)
+  one in flight p50: worker / unbatched  (target <= 1.2)
+
+Usage: python -m bench.broker_bound [--count 3000] [--window 256] [--single-count 300] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import statistics
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from bench.driver import consumer_process, delete_queues, drive, worker_argv
+from producer.names import CONTENT_TYPE_MSGPACK
+from producer.protocol import encode_request
+from tests.models import mlp_model
+
+KINDS = ("worker", "echo", "unbatched")
+
+
+async def main(args: argparse.Namespace) -> None:
+    tag = uuid.uuid4().hex[:6]
+    queues = {kind: f"bench.{kind}.{tag}" for kind in KINDS}
+    rng = np.random.default_rng(0)
+    bodies = [
+        encode_request({"x": rng.standard_normal((1, 256)).astype(np.float32)}, CONTENT_TYPE_MSGPACK)
+        for _ in range(args.count)
+    ]
+    saturated: dict[str, list[tuple[float, float, float]]] = {k: [] for k in KINDS}
+    single: dict[str, list[tuple[float, float]]] = {k: [] for k in KINDS}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = mlp_model(Path(tmp) / "mlp.onnx", width=256, hidden=256, layers=3)
+        baseline = [sys.executable, "-m", "bench.baselines"]
+        argvs = {
+            "worker": worker_argv(
+                model, queues["worker"], "--max-batch", str(args.max_batch), "--prefetch", str(args.window)
+            ),
+            "echo": [*baseline, "echo", "--queue", queues["echo"], "--prefetch", str(args.window)],
+            "unbatched": [
+                *baseline,
+                "unbatched",
+                "--queue",
+                queues["unbatched"],
+                "--model",
+                str(model),
+                "--prefetch",
+                str(args.window),
+            ],
+        }
+        markers = {"worker": "worker_started", "echo": "ready", "unbatched": "ready"}
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                for kind in KINDS:
+                    await stack.enter_async_context(consumer_process(argvs[kind], markers[kind]))
+                for kind in KINDS:  # warm-up
+                    await drive(queues[kind], bodies[:300], content_type=CONTENT_TYPE_MSGPACK, window=args.window)
+                for round_no in range(1, args.rounds + 1):
+                    for kind in KINDS:
+                        r = await drive(queues[kind], bodies, content_type=CONTENT_TYPE_MSGPACK, window=args.window)
+                        saturated[kind].append((r.msgs_per_s, r.percentile_ms(50), r.percentile_ms(99)))
+                        one = await drive(
+                            queues[kind], bodies[: args.single_count], content_type=CONTENT_TYPE_MSGPACK, window=1
+                        )
+                        single[kind].append((one.percentile_ms(50), one.percentile_ms(99)))
+                    print(
+                        f"round {round_no}/{args.rounds}: "
+                        + ", ".join(f"{k} {saturated[k][-1][0]:.0f} msgs/s" for k in KINDS),
+                        flush=True,
+                    )
+        finally:
+            await delete_queues(*queues.values())
+
+    def med(values: list[tuple[float, ...]], i: int) -> float:
+        return statistics.median(v[i] for v in values)
+
+    print()
+    print(
+        f"{args.count} requests of FP32 [1, 256] with {args.window} in flight; {args.single_count} one at a time;"
+        f" median of {args.rounds} rounds"
+    )
+    print(f"{'consumer':<10} {'msgs/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'1-in-flight p50 ms':>19} {'p99 ms':>8}")
+    for kind in KINDS:
+        print(
+            f"{kind:<10} {med(saturated[kind], 0):>9.0f} {med(saturated[kind], 1):>8.1f} "
+            f"{med(saturated[kind], 2):>8.1f} {med(single[kind], 0):>19.3f} {med(single[kind], 1):>8.3f}"
+        )
+    print()
+    print(
+        f"saturation msgs/s, worker / echo:      {med(saturated['worker'], 0) / med(saturated['echo'], 0):.2f}"
+        "  (target >= 1.0)"
+    )
+    print(f"saturation msgs/s, worker / unbatched: {med(saturated['worker'], 0) / med(saturated['unbatched'], 0):.2f}")
+    print(
+        f"one in flight p50, worker / unbatched: {med(single['worker'], 0) / med(single['unbatched'], 0):.2f}"
+        "  (target <= 1.2)"
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=3000, help="requests per saturation run")
+    parser.add_argument("--window", type=int, default=256, help="requests in flight at saturation (and prefetch)")
+    parser.add_argument("--single-count", type=int, default=300, help="requests sent one at a time")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over the three consumers")
+    parser.add_argument("--max-batch", type=int, default=64, help="worker --max-batch")
+    asyncio.run(main(parser.parse_args()))
