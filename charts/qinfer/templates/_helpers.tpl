@@ -98,6 +98,7 @@ WORKER_INTRA_OP_THREADS: {{ $w.intraOpThreads | int | quote }}
 WORKER_MAX_TEXT_LENGTH: {{ $w.maxTextLength | int | quote }}
 WORKER_DRAIN_TIMEOUT_S: {{ $w.drainTimeoutS | toString | quote }}
 WORKER_CONNECT_TIMEOUT_S: {{ $w.connectTimeoutS | toString | quote }}
+WORKER_REPLY_HOLD_S: {{ $w.replyHoldS | toString | quote }}
 WORKER_HTTP_PORT: {{ $w.httpPort | int | quote }}
 WORKER_LOG_FORMAT: {{ $w.logFormat | quote }}
 WORKER_LOG_LEVEL: {{ $w.logLevel | quote }}
