@@ -64,6 +64,7 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_ROWS_PER_MESSAGE = 32
 DEFAULT_MAX_IN_FLIGHT = 64
+_ACK_BATCH = 256
 Order = Literal["arrival", "input"]
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
@@ -252,6 +253,9 @@ class BulkJob:
                 await self._run(publisher, consumer)
                 self._out.flush()
         finally:
+            finished = self._finished_future()
+            if not finished.done():
+                finished.cancel()  # closing the connections below must not record a failure
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -266,7 +270,7 @@ class BulkJob:
         opts = self.options
         self._publish_channel = await publisher.channel(publisher_confirms=True, on_return_raises=True)
         channel = await consumer.channel()
-        await channel.set_qos(prefetch_count=2 * opts.max_in_flight + 16)
+        await channel.set_qos(prefetch_count=min(65535, 2 * opts.max_in_flight + 16))
         queue = await channel.declare_queue(
             self.results_queue, durable=True, arguments=dict[str, Any](RESULTS_QUEUE_ARGUMENTS)
         )
@@ -274,7 +278,7 @@ class BulkJob:
         for ch in (self._publish_channel, channel):
             ch.close_callbacks.add(self._on_connection_closed)
         self._collected_waiting = asyncio.get_running_loop().create_future()
-        await queue.consume(self._on_message)
+        consumer_tag = await queue.consume(self._on_message)
         self._own(self._handle_replies(waiting_at_start=waiting))
         if waiting:
             log.info("bulk_collecting", job_id=self.job_id, waiting=waiting)
@@ -285,6 +289,7 @@ class BulkJob:
         self._early.clear()
         self._check_finished()
         await self._wait(self._finished_future())
+        await queue.cancel(consumer_tag)
         await queue.delete(if_unused=False, if_empty=False)
 
     def _finished_future(self) -> asyncio.Future[None]:
@@ -406,6 +411,9 @@ class BulkJob:
         await asyncio.sleep(0)  # let replies and confirms in between publishes
 
     async def _wait_for_window(self) -> None:
+        if not self._window.locked():
+            await self._window.acquire()  # free: returns at once
+            return
         acquire = asyncio.ensure_future(self._window.acquire())
         try:
             await self._wait(acquire)
@@ -444,16 +452,23 @@ class BulkJob:
         self._inbox.put_nowait(message)
 
     async def _handle_replies(self, waiting_at_start: int) -> None:
-        """Handle replies one at a time: write their rows, flush, then ack."""
+        """Handle replies in arrival order: write their rows, flush the file, then ack.
+
+        Replies that arrived together are written with one flush and acked with one
+        ``multiple`` ack (this consumer is alone on its channel, so earlier tags are all handled).
+        """
         handled = 0
         while True:
-            message = await self._inbox.get()
-            self._handle_reply(message)
+            batch = [await self._inbox.get()]
+            while not self._inbox.empty() and len(batch) < _ACK_BATCH:
+                batch.append(self._inbox.get_nowait())
+            for message in batch:
+                self._handle_reply(message)
             assert self._out is not None
             self._out.flush()
-            await message.ack()
-            handled += 1
-            if handled == waiting_at_start and self._collected_waiting is not None:
+            await batch[-1].ack(multiple=True)
+            before, handled = handled, handled + len(batch)
+            if before < waiting_at_start <= handled and self._collected_waiting is not None:
                 self._collected_waiting.set_result(None)
 
     def _handle_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
