@@ -17,7 +17,11 @@ class Outcome(enum.Enum):
     REPLIED = "replied"
     """Its reply (result or error) was confirmed by the broker."""
     REPLY_REFUSED = "reply_refused"
-    """The broker refused or could not route its reply (e.g. a full results queue): try again later."""
+    """The broker refused or could not route its reply (e.g. a full results queue): keep the request,
+    unacked, and publish the same reply again after a backoff."""
+    REPLY_REFUSED_TOO_LONG = "reply_refused_too_long"
+    """Its reply was refused for longer than the hold time, or the worker is draining: hand it back.
+    Each hand-back counts towards the delivery limit, so this cannot loop forever."""
     REPLY_LOST = "reply_lost"
     """The reply could not be published (connection trouble): hand back so it is answered again."""
     NO_REPLY_TO = "no_reply_to"
@@ -32,11 +36,15 @@ class AckAction(enum.Enum):
     ACK = "ack"
     REQUEUE = "requeue"
     DEAD_LETTER = "dead_letter"
+    HOLD = "hold"
+    """Tell the broker nothing yet: the delivery stays unacked (and in the prefetch window) while
+    the worker retries its reply, so it is never acked without a stored reply."""
 
 
 _POLICY: dict[Outcome, AckAction] = {
     Outcome.REPLIED: AckAction.ACK,
-    Outcome.REPLY_REFUSED: AckAction.REQUEUE,
+    Outcome.REPLY_REFUSED: AckAction.HOLD,
+    Outcome.REPLY_REFUSED_TOO_LONG: AckAction.REQUEUE,
     Outcome.REPLY_LOST: AckAction.REQUEUE,
     Outcome.NO_REPLY_TO: AckAction.DEAD_LETTER,
     Outcome.NOT_STARTED: AckAction.REQUEUE,
@@ -49,16 +57,31 @@ def ack_action(outcome: Outcome) -> AckAction:
     return _POLICY[outcome]
 
 
+REPLY_RETRY_FIRST_S = 0.05
+REPLY_RETRY_MAX_S = 2.0
+
+
+def reply_retry_delay_s(attempt: int) -> float:
+    """Seconds to wait before publishing a refused reply again: doubles from 50 ms, at most 2 s,
+    so a full results queue is polled gently instead of in a tight loop."""
+    return min(REPLY_RETRY_FIRST_S * 2.0**attempt, REPLY_RETRY_MAX_S)
+
+
 class AckLedger:
     """Outstanding delivery tags of one channel, in delivery order.
 
     ``settle(tags)`` marks deliveries ready to ack and returns the highest tag that can be acked
     with ``multiple=True``: the end of the run of settled tags at the front. Tags still being
     worked on hold back every later tag, so a multiple-ack never covers unfinished work.
+
+    A *held* tag (its reply refused, retried later) may stay unsettled for seconds: the settled
+    tags queued behind it are handed out by :meth:`take_singles` to be acked one by one, since a
+    multiple-ack would cover the held one.
     """
 
     def __init__(self) -> None:
         self._open: OrderedDict[int, bool] = OrderedDict()
+        self._held: set[int] = set()
 
     def __len__(self) -> int:
         return len(self._open)
@@ -70,6 +93,34 @@ class AckLedger:
     def discard(self, tag: int) -> None:
         """Forget a delivery that was settled on its own (requeued or dead-lettered)."""
         self._open.pop(tag, None)
+        self._held.discard(tag)
+
+    def hold(self, tag: int) -> None:
+        """Mark an open delivery as held: not ready, and not expected to be soon."""
+        if tag in self._open:
+            self._held.add(tag)
+
+    def release(self, tag: int) -> None:
+        """End a hold; the tag is open again, to be settled or discarded as usual."""
+        self._held.discard(tag)
+
+    def take_singles(self) -> list[int]:
+        """Remove and return the settled tags stuck behind held ones, to ack with ``multiple=False``.
+
+        Only tags before the first open, not held tag qualify: a tag still being worked on holds
+        everything behind it as usual, and becomes part of a multiple-ack once it settles.
+        """
+        if not self._held:
+            return []
+        singles: list[int] = []
+        for tag, ready in list(self._open.items()):
+            if ready:
+                singles.append(tag)
+            elif tag not in self._held:
+                break
+        for tag in singles:
+            del self._open[tag]
+        return singles
 
     def settle(self, tags: list[int]) -> int | None:
         """Mark ``tags`` ready to ack; return the tag to ack with ``multiple=True``, or None."""
@@ -82,5 +133,6 @@ class AckLedger:
             if not ready:
                 break
             self._open.popitem(last=False)
+            self._held.discard(tag)
             last = tag
         return last

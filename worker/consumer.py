@@ -48,7 +48,7 @@ from producer.protocol import (
     encode_reply,
     reply_content_type,
 )
-from worker.acks import AckAction, AckLedger, Outcome, ack_action
+from worker.acks import AckAction, AckLedger, Outcome, ack_action, reply_retry_delay_s
 from worker.batching import Arrays, Batchable, pending_rows, run_isolating, take_batch
 from worker.errors import BrokerUnavailableError
 from worker.health import HealthState, start_http_server
@@ -61,6 +61,8 @@ log = structlog.get_logger("worker")
 _TRANSIENT = int(DeliveryMode.NOT_PERSISTENT)
 _PERSISTENT = int(DeliveryMode.PERSISTENT)
 _IDLE_CHECK_S = 0.1  # how often an idle --exit-when-idle worker asks the broker whether the queue is empty
+_CONSUMER_CHECK_S = 0.25  # how often readiness checks that the broker still has our consumer
+_CLOSE_TIMEOUT_S = 5.0  # longest a consumer cancel or connection close may take while draining
 # Handing a batch to the model thread and back costs about 0.1 ms of event-loop time. A model
 # run expected to take less than this runs inline on the loop: blocking it that briefly costs
 # less than the hand-off. Anything slower runs in the model thread while the loop receives.
@@ -68,11 +70,11 @@ _INLINE_COMPUTE_S = 0.0005
 
 
 def _timed_run(
-    run: Callable[[Sequence[InferRequest]], list[Arrays]], requests: Sequence[InferRequest]
+    run: Callable[[Sequence[Any]], list[Arrays]], prepared: Sequence[Any]
 ) -> tuple[list[Arrays | Exception], float]:
     """Run a batch with failure isolation; return the results and the seconds the model took."""
     started = time.perf_counter()
-    results = run_isolating(run, requests)
+    results = run_isolating(run, prepared)
     return results, time.perf_counter() - started
 
 
@@ -84,9 +86,14 @@ class Job:
     ledger: AckLedger
     request_id: str
     request: InferRequest | None = None
+    prepared: Any = None  # what the pipeline runs for this request (see Pipeline.prepare)
     received_s: float = 0.0  # monotonic
     deadline_ms: float | None = None  # epoch ms
     broker_ms: float | None = None
+    suspect: bool = False  # delivered before: it may be what crashed a worker, so it runs alone
+    reply: Reply | None = None  # kept while the broker refuses it, to publish again
+    refused_since_s: float | None = None  # monotonic
+    reply_attempts: int = 0
 
 
 @dataclasses.dataclass(slots=True)
@@ -187,6 +194,15 @@ class Worker:
         self._publish_conn: AbstractRobustConnection | None = None
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
+        self._channel: AbstractChannel | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        # Slow start: the window opens to ``prefetch`` at the first request delivered for the first
+        # time. Redelivered requests ("suspects", possibly what crashed the last worker) shrink it to
+        # one, so a request that kills the process takes no innocent neighbour's delivery count along.
+        self._window = 1  # the prefetch wanted now
+        self._consumer_window = 0  # the prefetch the current consumer was started with
+        self._window_lock = asyncio.Lock()
+        self._suspects_open = 0
         self._publish_channel: aio_pika.abc.AbstractChannel | None = None
         self.batches_run = 0
         self.rows_run = 0
@@ -244,10 +260,13 @@ class Worker:
         publish_channel = await self._publish_conn.channel(publisher_confirms=True, on_return_raises=True)
         self._publish_channel = publish_channel
         channel = await self._consume_conn.channel(publisher_confirms=False)
-        await channel.set_qos(prefetch_count=s.prefetch)
+        self._channel = channel
+        await channel.set_qos(prefetch_count=self._window)
+        self._consumer_window = self._window
         self._queue = await declare_request_queue(channel, s)
         self._consumer_tag = await self._queue.consume(self._on_message)
         self.health.consuming = True
+        self._watcher = asyncio.create_task(self._watch_consumer(), name="consumer-watch")
         self.consuming_event.set()
         log.info(
             "worker_started",
@@ -277,18 +296,24 @@ class Worker:
     async def _drain(self, batcher: asyncio.Task[None]) -> None:
         """Stop consuming, hand back what has not started, finish what has, within the drain timeout."""
         started = time.monotonic()
+        deadline_s = started + self.settings.drain_timeout_s
         self.health.draining = True
+        self.stop_event.set()  # wakes replies held for a retry: they get one last try
         if self._queue is not None and self._consumer_tag is not None:
             try:
-                await self._queue.cancel(self._consumer_tag)
+                await asyncio.wait_for(self._queue.cancel(self._consumer_tag), _CLOSE_TIMEOUT_S)
             except Exception as e:  # the channel may already be gone; the broker requeues on close
-                log.debug("consumer_cancel_failed", error=str(e))
+                log.debug("consumer_cancel_failed", error=repr(e))
         handed_back = [item.item for item in self._pending]
         self._pending.clear()
         await self._settle([(job, Outcome.NOT_STARTED) for job in handed_back])
         self._wakeup.set()
-        outstanding: set[asyncio.Task[None]] = {batcher, *self._tasks}
-        _done, not_done = await asyncio.wait(outstanding, timeout=self.settings.drain_timeout_s)
+        # The batch computing now spawns its reply task when it finishes, so wait until no task is
+        # left rather than for a snapshot of them.
+        not_done: set[asyncio.Task[None]] = {batcher, *self._tasks}
+        while not_done and (remaining_s := deadline_s - time.monotonic()) > 0:
+            await asyncio.wait(not_done, timeout=remaining_s)
+            not_done = {t for t in (batcher, *self._tasks) if not t.done()}
         for task in not_done:
             task.cancel()
         if not batcher.cancelled() and batcher.done() and batcher.exception() is not None:
@@ -301,10 +326,86 @@ class Worker:
         )
 
     async def _close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
         for conn in (self._consume_conn, self._publish_conn):
             if conn is not None and not conn.is_closed:
-                await conn.close()
+                try:
+                    await asyncio.wait_for(conn.close(), _CLOSE_TIMEOUT_S)
+                except Exception as e:  # a broker that is down cannot answer the close handshake
+                    log.debug("close_failed", error=repr(e))
         self.health.consuming = False
+
+    async def _watch_consumer(self) -> None:
+        """Keep readiness true only while the broker has our consumer, and log when that changes.
+
+        The robust connection restores the channel and the consumer after a lost connection, and
+        after a consumer cancel sent by the broker (its queue was deleted: the queue is declared
+        again with the same arguments). This notices both, however they end.
+        """
+        while True:
+            await asyncio.sleep(_CONSUMER_CHECK_S)
+            if not self.health.draining and (self._consumer_tag is None or self._consumer_window != self._window):
+                await self._set_window(self._window)  # a window change was cut short by a lost connection
+            consuming = await self._consumer_registered()
+            if self.health.draining or consuming == self.health.consuming:
+                continue
+            self.health.consuming = consuming
+            if consuming:
+                log.info("consumer_restored", queue=self.settings.queue)
+            else:
+                log.warning("consumer_lost", queue=self.settings.queue, why="connection, channel or consumer gone")
+
+    async def _consumer_registered(self) -> bool:
+        conn, channel = self._consume_conn, self._channel
+        if conn is None or conn.is_closed or channel is None or channel.is_closed:
+            return False
+        try:
+            underlay = await channel.get_underlay_channel()
+        except aiormq.exceptions.ChannelInvalidStateError:
+            return False
+        consumers: dict[str, Any] = getattr(underlay, "consumers", {})
+        return not underlay.is_closed and self._consumer_tag in consumers
+
+    def _isolate_suspects(self) -> None:
+        """A redelivered request arrived: shrink the window to one delivery until none is left."""
+        self._suspects_open += 1
+        if self._window != 1:
+            log.info("isolating_redelivered", queue=self.settings.queue, prefetch=1)
+            self._window = 1
+            self._spawn(self._set_window(1))
+
+    def _open_window(self) -> None:
+        """A first-time delivery arrived: open the window fully once no suspect is left."""
+        if self._window != self.settings.prefetch and self._suspects_open == 0:
+            self._window = self.settings.prefetch
+            self._spawn(self._set_window(self.settings.prefetch))
+
+    async def _set_window(self, prefetch: int) -> None:
+        """Consume again with ``prefetch``: RabbitMQ applies a consumer's prefetch when it starts.
+
+        Deliveries the old consumer received stay ours, unacked, and are settled as usual.
+        """
+        async with self._window_lock:
+            if self._queue is None or self._channel is None or self.health.draining:
+                return
+            if self._consumer_tag is not None and self._consumer_window == prefetch:
+                return
+            try:
+                if self._consumer_tag is not None:
+                    await self._queue.cancel(self._consumer_tag)
+                    self._consumer_tag = None
+                await self._channel.set_qos(prefetch_count=prefetch)
+                self._consumer_tag = await self._queue.consume(self._on_message)
+                self._consumer_window = prefetch
+            except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as e:
+                # The watcher tries again once the connection is back.
+                log.warning("window_change_failed", prefetch=prefetch, error=repr(e))
+                return
+            if self.health.draining:  # drain began meanwhile: this consumer must not take work
+                with contextlib.suppress(Exception):
+                    await self._queue.cancel(self._consumer_tag)
 
     # ------------------------------------------------------------------------------------------
     # Receive
@@ -326,6 +427,10 @@ class Worker:
         if message.redelivered:
             self.metrics.redelivered.inc()
             log.info("redelivered", request_id=job.request_id, delivery_count=message.headers.get("x-delivery-count"))
+            job.suspect = True
+            self._isolate_suspects()
+        else:
+            self._open_window()
         if not message.reply_to:
             log.warning(
                 "no_reply_to",
@@ -348,7 +453,7 @@ class Worker:
         try:
             request = decode_request(message.body, message.content_type, default_id=job.request_id)
             job.request_id = request.id
-            self.pipeline.validate(request, max_rows=self.settings.max_batch)
+            prepared = self.pipeline.prepare(request, max_rows=self.settings.max_batch)
         except ProtocolError as e:
             log.warning("bad_request", request_id=job.request_id, code=e.code, error=e.message)
             self._spawn(self._reply([self._error(job, e.code, e.message)]))
@@ -357,7 +462,10 @@ class Worker:
             self._spawn(self._reply([self._deadline_error(job, now_ms)]))
             return
         job.request = request
-        self._pending.append(Batchable(job, rows=request.rows, key=self.pipeline.batch_key(request)))
+        job.prepared = prepared
+        # A suspect never shares a model run: if it kills the process, only it was computing.
+        key = ("suspect", message.delivery_tag) if job.suspect else self.pipeline.batch_key(prepared)
+        self._pending.append(Batchable(job, rows=request.rows, key=key))
         self._wakeup.set()
 
     # ------------------------------------------------------------------------------------------
@@ -393,13 +501,14 @@ class Worker:
                 if not jobs:
                     continue
             requests = [j.request for j in jobs if j.request is not None]
+            prepared = [j.prepared for j in jobs]
             started = time.monotonic()
             self._computing = True
             try:
                 if self._compute_estimate_s < _INLINE_COMPUTE_S:
-                    results, compute_s = _timed_run(run, requests)
+                    results, compute_s = _timed_run(run, prepared)
                 else:
-                    results, compute_s = await loop.run_in_executor(self._executor, _timed_run, run, requests)
+                    results, compute_s = await loop.run_in_executor(self._executor, _timed_run, run, prepared)
             finally:
                 self._computing = False
             finished = time.monotonic()
@@ -517,13 +626,21 @@ class Worker:
                 settled.append((reply.job, Outcome.REPLIED))
                 self.metrics.requests.labels(reply.outcome_label).inc()
             elif isinstance(error, aiormq.exceptions.DeliveryError):
+                job = reply.job
+                now_s = time.monotonic()
+                if job.refused_since_s is None:
+                    job.refused_since_s = now_s
+                too_long = self.health.draining or now_s - job.refused_since_s >= self.settings.reply_hold_s
                 log.warning(
                     "reply_refused",
-                    request_id=reply.job.request_id,
-                    reply_to=reply.job.message.reply_to,
+                    request_id=job.request_id,
+                    reply_to=job.message.reply_to,
+                    attempt=job.reply_attempts,
+                    action="hand back" if too_long else "hold and retry",
                     error=repr(error),
                 )
-                settled.append((reply.job, Outcome.REPLY_REFUSED))
+                job.reply = reply
+                settled.append((job, Outcome.REPLY_REFUSED_TOO_LONG if too_long else Outcome.REPLY_REFUSED))
             elif isinstance(error, Exception):
                 log.warning("reply_lost", request_id=reply.job.request_id, error=repr(error))
                 settled.append((reply.job, Outcome.REPLY_LOST))
@@ -535,16 +652,24 @@ class Worker:
         """Tell the broker what happened, per :func:`ack_action`; acks are batched per channel."""
         to_ack: dict[int, tuple[AckLedger, Any, list[int]]] = {}
         for job, outcome in settled:
-            self.metrics.inflight.dec()
             message = job.message
             tag = message.delivery_tag
             assert tag is not None
             channel = message.channel
+            action = ack_action(outcome)
+            if action is AckAction.HOLD and not channel.is_closed:
+                job.ledger.hold(tag)
+                self.metrics.requests.labels("reply_held").inc()
+                self._spawn(self._retry_reply(job))
+                continue
+            self.metrics.inflight.dec()
+            if job.suspect:
+                self._suspects_open -= 1
             if channel.is_closed:
                 # The broker already requeued everything unacked on that channel.
                 log.debug("settle_dropped_closed_channel", request_id=job.request_id, outcome=outcome.value)
                 continue
-            action = ack_action(outcome)
+            job.ledger.release(tag)
             try:
                 entry = to_ack.setdefault(id(job.ledger), (job.ledger, channel, []))
                 if action is AckAction.ACK:
@@ -562,12 +687,31 @@ class Worker:
         for ledger, channel, tags in to_ack.values():
             # Also after a requeue or reject alone: removing a tag can free the acks queued behind it.
             last = ledger.settle(tags)
-            if last is None or channel.is_closed:
+            singles = ledger.take_singles()  # settled behind a held reply: a multiple-ack would cover it
+            if (last is None and not singles) or channel.is_closed:
                 continue
             try:
-                await channel.basic_ack(last, multiple=True)
+                if last is not None:
+                    await channel.basic_ack(last, multiple=True)
+                for tag in singles:
+                    await channel.basic_ack(tag, multiple=False)
             except (aiormq.exceptions.ChannelInvalidStateError, aiormq.exceptions.AMQPError, ConnectionError) as e:
                 log.debug("ack_failed", error=repr(e))
+
+    async def _retry_reply(self, job: Job) -> None:
+        """Publish a refused reply again after a backoff; its request stays unacked meanwhile.
+
+        Draining (``stop_event``) cuts the wait short for one last try before the hand-back.
+        """
+        assert job.reply is not None
+        delay_s = reply_retry_delay_s(job.reply_attempts)
+        job.reply_attempts += 1
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop_event.wait(), delay_s)
+        if job.message.channel.is_closed:  # the broker has requeued the request already
+            await self._settle([(job, Outcome.REPLY_LOST)])
+            return
+        await self._reply([job.reply])
 
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)

@@ -44,8 +44,10 @@ class Settings:
     device_id: int = 0
     intra_op_threads: int = 0
     max_text_length: int = 256
+    group_by_length: bool = True
     drain_timeout_s: float = 25.0
     connect_timeout_s: float = 60.0
+    reply_hold_s: float = 60.0
     http_port: int = 8080
     exit_when_idle: bool = False
     log_format: LogFormat = "auto"
@@ -194,6 +196,13 @@ SETTINGS: tuple[SettingSpec, ...] = (
         maximum=8192,
     ),
     SettingSpec(
+        "group_by_length",
+        "WORKER_GROUP_BY_LENGTH",
+        "--group-by-length",
+        "text models: batch texts of similar token length together (false: arrival order only)",
+        _bool,
+    ),
+    SettingSpec(
         "drain_timeout_s",
         "WORKER_DRAIN_TIMEOUT_S",
         "--drain-timeout-s",
@@ -208,6 +217,16 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "--connect-timeout-s",
         "how long to retry an unreachable broker at start before exiting non-zero",
         _number(float, "WORKER_CONNECT_TIMEOUT_S"),
+        minimum=0,
+        maximum=3600,
+    ),
+    SettingSpec(
+        "reply_hold_s",
+        "WORKER_REPLY_HOLD_S",
+        "--reply-hold-s",
+        "while the broker refuses a reply (e.g. a full results queue), how long to keep retrying it, with the "
+        "request unacked, before handing the request back",
+        _number(float, "WORKER_REPLY_HOLD_S"),
         minimum=0,
         maximum=3600,
     ),
@@ -252,7 +271,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         extra = f"; env {spec.env}; default {spec.default}"
         if spec.parse is _bool:
             parser.add_argument(
-                spec.flag, dest=spec.field, action="store_const", const=True, default=None, help=spec.help + extra
+                spec.flag, dest=spec.field, action=argparse.BooleanOptionalAction, default=None, help=spec.help + extra
             )
         else:
             parser.add_argument(

@@ -8,7 +8,8 @@ from worker.acks import AckAction, AckLedger, Outcome, ack_action
 def test_every_outcome_has_an_explicit_action() -> None:
     assert {o: ack_action(o) for o in Outcome} == {
         Outcome.REPLIED: AckAction.ACK,
-        Outcome.REPLY_REFUSED: AckAction.REQUEUE,
+        Outcome.REPLY_REFUSED: AckAction.HOLD,
+        Outcome.REPLY_REFUSED_TOO_LONG: AckAction.REQUEUE,
         Outcome.REPLY_LOST: AckAction.REQUEUE,
         Outcome.NO_REPLY_TO: AckAction.DEAD_LETTER,
         Outcome.NOT_STARTED: AckAction.REQUEUE,
