@@ -68,6 +68,9 @@ def _inspect(model: Path) -> int:
     print("outputs (what replies carry):")
     for spec in pipeline.outputs.values():
         print(f"  {spec.describe()}")
+    print("what the worker does:")
+    for step, text in enumerate(pipeline.describe(), 1):
+        print(f"  {step}. {text}")
     return 0
 
 

@@ -69,17 +69,24 @@ class Pipeline(Protocol):
     outputs: dict[str, TensorSpec]
     providers: list[str]
 
-    def validate(self, request: InferRequest, *, max_rows: int) -> None:
-        """Raise :class:`ProtocolError` unless the request fits the model."""
+    def prepare(self, request: InferRequest, *, max_rows: int) -> Any:
+        """Check the request against the model and return what :meth:`run` takes for it.
 
-    def batch_key(self, request: InferRequest) -> Hashable:
-        """Requests with equal keys can share one model run."""
+        Raises:
+            ProtocolError: with the code and a message a person can act on, when it does not fit.
+        """
 
-    def run(self, requests: Sequence[InferRequest]) -> list[Arrays]:
-        """Run one batch (blocking; called from a worker thread) and return outputs per request."""
+    def batch_key(self, prepared: Any) -> Hashable:
+        """Prepared requests with equal keys can share one model run."""
+
+    def run(self, prepared: Sequence[Any]) -> list[Arrays]:
+        """Run one batch (blocking; may be called from the model thread) and return outputs per request."""
 
     def warm_up(self, max_rows: int) -> None:
         """Run the model at the sizes it will see, so the first request pays no start-up cost."""
+
+    def describe(self) -> list[str]:
+        """What the worker does with a request, step by step (for ``worker inspect``)."""
 
 
 def choose_providers(device: str, device_id: int) -> list[Any]:
@@ -156,7 +163,7 @@ class TensorPipeline:
         name = settings.model_name or path.stem
         return cls(open_session(path, settings), name=name, version=settings.model_version)
 
-    def validate(self, request: InferRequest, *, max_rows: int) -> None:
+    def prepare(self, request: InferRequest, *, max_rows: int) -> InferRequest:
         for name in request.inputs:
             if name not in self.inputs:
                 raise ProtocolError(
@@ -196,6 +203,7 @@ class TensorPipeline:
                         ErrorCode.UNKNOWN_OUTPUT,
                         f"model {self.name!r} has no output {out!r}; its outputs are: {', '.join(self.outputs)}",
                     )
+        return request
 
     def batch_key(self, request: InferRequest) -> Hashable:
         return tuple(arr.shape[1:] for arr in request.inputs.values())
@@ -208,6 +216,14 @@ class TensorPipeline:
         return [
             {k: v for k, v in out.items() if k in r.outputs} if r.outputs else out
             for r, out in zip(requests, per_request, strict=True)
+        ]
+
+    def describe(self) -> list[str]:
+        """What the worker does with a request, step by step (for ``worker inspect``)."""
+        return [
+            "check each request's tensors against the model's inputs (names, datatypes, non-batch dimensions)",
+            "concatenate compatible requests along the first dimension, up to --max-batch rows",
+            "run the model; split every output back by each request's rows",
         ]
 
     def warm_up(self, max_rows: int) -> None:
@@ -229,7 +245,7 @@ def load_pipeline(settings: Settings) -> Pipeline:
     if path.is_dir():
         manifest = path / "model.json"
         if manifest.is_file():
-            from worker.text_pipeline import TextEmbeddingPipeline
+            from worker.text_pipeline import TextEmbeddingPipeline  # imports the tokenizer only when needed
 
             return TextEmbeddingPipeline.load(path, settings)
         path = path / "model.onnx"

@@ -1,0 +1,125 @@
+"""Serves a text-embedding model folder: strings in, L2-normalized embeddings out.
+
+Requests carry one BYTES input (``text``, one string per row). Texts are tokenized when the
+request arrives (so batches can be formed by length), padded to the longest row of their batch,
+run through ONNX Runtime, mean-pooled with the attention mask and normalized. Replies carry one
+FP32 output (``embedding``, [rows, dim]).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from producer.errors import ProtocolError
+from producer.protocol import ErrorCode, InferRequest
+from worker.manifest import ManifestError, load_manifest
+from worker.model import Arrays, TensorSpec, open_session
+from worker.settings import Settings
+from worker.text import IdArray, TextPipeline, texts_from_tensor
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Tokenized:
+    """A request's rows as token ids, ready to be padded with its batch."""
+
+    rows: list[IdArray]
+    longest: int
+
+
+class TextEmbeddingPipeline:
+    """The worker's pipeline for a ``text-embedding`` model folder (see ``worker.manifest``)."""
+
+    def __init__(self, text: TextPipeline, session: Any, *, group_by_length: bool) -> None:
+        self.text = text
+        self.session = session
+        manifest = text.manifest
+        self.name = manifest.name
+        self.version = manifest.version
+        self.providers = list(session.get_providers())
+        self.group_by_length = group_by_length
+        self.inputs = {text.text_input: TensorSpec(text.text_input, "BYTES", (None,))}
+        self.outputs = {text.output: TensorSpec(text.output, "FP32", (None, text.dim))}
+        self._fetch = [text.hidden_state]
+
+    @classmethod
+    def load(cls, folder: Path, settings: Settings) -> TextEmbeddingPipeline:
+        """Load the manifest, the tokenizer and an ONNX Runtime session for ``folder``.
+
+        Raises:
+            ManifestError: when the manifest is missing or wrong.
+            ModelLoadError: when ONNX Runtime cannot load the model on the requested device.
+        """
+        manifest = load_manifest(folder)
+        session = open_session(manifest.model_path, settings)
+        max_length = min(settings.max_text_length, manifest.max_positions)
+        try:
+            text = TextPipeline(
+                manifest,
+                model_inputs=[i.name for i in session.get_inputs()],
+                model_outputs=[o.name for o in session.get_outputs()],
+                max_length=max_length,
+            )
+        except ManifestError:
+            raise
+        pipeline = cls(text, session, group_by_length=settings.group_by_length)
+        if settings.model_name:
+            pipeline.name = settings.model_name
+        return pipeline
+
+    def prepare(self, request: InferRequest, *, max_rows: int) -> Tokenized:
+        name = self.text.text_input
+        unknown = [n for n in request.inputs if n != name]
+        if unknown:
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_INPUT,
+                f"model {self.name!r} takes one input, {name!r} (BYTES, one string per row); got {unknown[0]!r}",
+            )
+        if name not in request.inputs:
+            raise ProtocolError(ErrorCode.MISSING_INPUT, f"input {name!r} (BYTES, one string per row) is missing")
+        texts = texts_from_tensor(request.inputs[name], name=name)
+        if len(texts) > max_rows:
+            raise ProtocolError(
+                ErrorCode.TOO_MANY_ROWS,
+                f"request has {len(texts)} texts; this worker embeds at most {max_rows} per batch "
+                "(split the request, or raise --max-batch)",
+            )
+        if request.outputs and any(o != self.text.output for o in request.outputs):
+            raise ProtocolError(ErrorCode.UNKNOWN_OUTPUT, f"model {self.name!r} has one output, {self.text.output!r}")
+        rows = self.text.tokenize(texts)
+        return Tokenized(rows, max((len(r) for r in rows), default=0))
+
+    def batch_key(self, prepared: Tokenized) -> Hashable:
+        # Rows whose longest text falls in the same power-of-two band share a run, so a short text
+        # never pays for a long neighbour's padding more than twofold.
+        return prepared.longest.bit_length() if self.group_by_length else 0
+
+    def run(self, prepared: Sequence[Tokenized]) -> list[Arrays]:
+        rows = [row for p in prepared for row in p.rows]
+        batch = self.text.pad(rows)
+        hidden = self.session.run(self._fetch, self.text.feeds(batch))[0]
+        vectors = self.text.pool(hidden, batch)
+        bounds = np.cumsum([len(p.rows) for p in prepared])[:-1]
+        return [{self.text.output: part} for part in np.split(vectors, bounds)]
+
+    def warm_up(self, max_rows: int) -> None:
+        for rows, words in ((1, 4), (max_rows, 24)):
+            texts = np.array(["warm up " * words] * rows, dtype=object)
+            request = InferRequest(id="warm-up", inputs={self.text.text_input: texts})
+            self.run([self.prepare(request, max_rows=max_rows)])
+
+    def describe(self) -> list[str]:
+        """What the worker does with a request, step by step (for ``worker inspect``)."""
+        m = self.text.manifest
+        return [
+            f"tokenize '{self.text.text_input}' with {m.tokenizer_path.name}, truncating at {self.text.max_length} "
+            "tokens",
+            "batch texts of similar length together" if self.group_by_length else "batch texts in arrival order",
+            "pad each batch to its longest text; run the model; "
+            f"{m.pooling}-pool '{m.hidden_state}' over real tokens" + (", L2-normalize" if m.normalize else ""),
+            f"reply '{self.text.output}' FP32 [rows, {self.text.dim}]",
+        ]
