@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+import structlog
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -150,6 +152,12 @@ def _print_summary(summary: BulkSummary, output: Path, console: Console) -> None
 def run_bulk(args: argparse.Namespace) -> int:
     """Run ``producer bulk`` with parsed arguments; returns the exit status."""
     err = Console(stderr=True)
+    if not structlog.is_configured():
+        # The progress bar and the summary speak for the job; log events only for problems.
+        structlog.configure(
+            wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+            logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        )
     try:
         default_datatype, datatypes = parse_datatypes(args.datatype)
         options = BulkOptions(
