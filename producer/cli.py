@@ -10,6 +10,8 @@ import uuid
 
 import aio_pika
 
+from producer.bulk_cli import add_bulk_parser, run_bulk
+from producer.loadtest_cli import add_loadtest_parser, run_loadtest
 from producer.names import (
     CONTENT_TYPE_JSON,
     CONTENT_TYPES,
@@ -38,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--content-type", default=CONTENT_TYPE_JSON, choices=CONTENT_TYPES, help="body encoding (default %(default)s)"
     )
     send.add_argument("--timeout-s", type=float, default=30.0, help="seconds to wait for the reply (default 30)")
+    add_loadtest_parser(commands)
+    add_bulk_parser(commands)
     return parser
 
 
@@ -69,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     args = build_parser().parse_args(argv)
+    if args.command == "load-test":
+        return run_loadtest(args)
+    if args.command == "bulk":
+        return run_bulk(args)
     if args.command == "send":
         url = args.amqp_url or os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
         body = (args.body if args.body is not None else sys.stdin.read()).encode()
