@@ -59,8 +59,12 @@ image: ## Build the worker image from the Containerfile with podman or docker (b
 	"$$engine" build -f Containerfile -t "$(IMAGE)" \
 	  --build-arg VERSION=$(VERSION) --build-arg MODEL_SOURCE=$(MODEL_SOURCE) .
 
+.PHONY: demo
+demo: model broker ## Start a worker on the default model, embed a few sentences through the broker, stop it
+	$(BIN)/python scripts/demo.py
+
 .PHONY: test
-test: install broker ## Run the whole test suite against a real broker
+test: model broker ## Run the whole test suite against a real broker (builds the default model first)
 	$(BIN)/pytest
 
 .PHONY: lint
