@@ -234,6 +234,7 @@ class BulkJob:
         state = read_output(opts.output_path)
         self._done_ids, self._done_lines = state.done_ids, state.done_lines
         self.summary.failed_before = state.failed
+        self.summary.skipped = state.rows
         if self._progress is not None:
             self._progress.start(max(0, count_rows(opts.input_path) - state.rows))
         log.info("bulk_start", job_id=self.job_id, queue=opts.queue, already_done=state.rows)
@@ -373,7 +374,6 @@ class BulkJob:
             return slot
         self._seen.add(parsed.id)
         if parsed.id in self._done_ids:
-            self.summary.skipped += 1
             return None
         slot = _Slot(parsed.line, parsed.id, keyed=True)
         early = self._early.pop(parsed.id, None)

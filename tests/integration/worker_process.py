@@ -12,6 +12,13 @@ from pathlib import Path
 from typing import Any
 
 STARTUP_TIMEOUT_S = 60.0
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def child_env(amqp_url: str) -> dict[str, str]:
+    """Environment for a child process that imports this repository's packages."""
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "AMQP_URL": amqp_url, "PYTHONPATH": path}
 
 
 class WorkerProcess:
@@ -40,7 +47,7 @@ class WorkerProcess:
             "json",
             *extra,
         ]
-        self.env = {**os.environ, "AMQP_URL": amqp_url}
+        self.env = child_env(amqp_url)
         self.events: list[dict[str, Any]] = []
         self._changed = threading.Condition()
         self._process: subprocess.Popen[bytes] | None = None
@@ -49,7 +56,12 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         """Start the worker and return once it consumes (its ``worker_started`` event)."""
         self._process = subprocess.Popen(
-            self.command, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            self.command,
+            env=self.env,
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
