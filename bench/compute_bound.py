@@ -1,0 +1,110 @@
+"""Compute-bound benchmark: the default text model end to end through the broker vs in process.
+
+Texts have a realistic length mix (half about 10 tokens, half about 60), one text per message.
+In each round, in turn:
+  in-process   the worker's own text pipeline and ONNX Runtime session in this process, no broker,
+               at each batch size of ``--batch-sizes`` (grouped by length within a window); the best
+               batch size is the ceiling
+  worker       ``worker run`` on the model, saturated through RabbitMQ (``--window`` in flight)
+  ungrouped    the same worker with --no-group-by-length (texts batched in arrival order)
+Prints rows/s (median over rounds) and the ratios:
+  worker / in-process best       (target >= 0.95)
+  worker / ungrouped             (what grouping by length buys end to end)
+
+Usage: python -m bench.compute_bound [--count 1536] [--window 256] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from bench.driver import consumer_process, delete_queues, drive, worker_argv
+from bench.text_inprocess import make_texts
+from producer.names import CONTENT_TYPE_MSGPACK
+from producer.protocol import InferRequest, encode_request
+from worker.settings import Settings
+from worker.text import group_by_length
+from worker.text_pipeline import TextEmbeddingPipeline
+
+
+def in_process_rows_per_s(pipeline: TextEmbeddingPipeline, texts: list[str], batch: int, window: int) -> float:
+    """Embed ``texts`` the way the worker would, batch by batch, with no broker; return rows/s."""
+    started = time.perf_counter()
+    for start in range(0, len(texts), window):
+        part = texts[start : start + window]
+        prepared = [
+            pipeline.prepare(InferRequest(id="", inputs={"text": np.array([t], dtype=object)}), max_rows=batch)
+            for t in part
+        ]
+        for group in group_by_length([p.longest for p in prepared], batch):
+            pipeline.run([prepared[i] for i in group])
+    return len(texts) / (time.perf_counter() - started)
+
+
+async def main(args: argparse.Namespace) -> None:
+    model = Path(args.model)
+    texts = make_texts(args.count)
+    bodies = [encode_request({"text": [t]}, CONTENT_TYPE_MSGPACK) for t in texts]
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    pipeline = TextEmbeddingPipeline.load(model, Settings(model=model))
+    pipeline.warm_up(max(sizes))
+    tag = uuid.uuid4().hex[:6]
+    queues = {"worker": f"bench.text.{tag}", "ungrouped": f"bench.text-ungrouped.{tag}"}
+    inproc: dict[int, list[float]] = {b: [] for b in sizes}
+    e2e: dict[str, list[float]] = {k: [] for k in queues}
+    common = ["--max-batch", str(args.max_batch), "--prefetch", str(args.window)]
+    argvs = {
+        "worker": worker_argv(model, queues["worker"], *common),
+        "ungrouped": worker_argv(model, queues["ungrouped"], *common, "--no-group-by-length"),
+    }
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            for kind, argv in argvs.items():
+                await stack.enter_async_context(consumer_process(argv, "worker_started"))
+            for queue in queues.values():  # warm-up
+                await drive(queue, bodies[:128], content_type=CONTENT_TYPE_MSGPACK, window=args.window)
+            for round_no in range(1, args.rounds + 1):
+                for b in sizes:
+                    inproc[b].append(in_process_rows_per_s(pipeline, texts, b, args.window))
+                for kind, queue in queues.items():
+                    r = await drive(queue, bodies, content_type=CONTENT_TYPE_MSGPACK, window=args.window)
+                    e2e[kind].append(r.msgs_per_s)
+                best = max(sizes, key=lambda b: inproc[b][-1])
+                print(
+                    f"round {round_no}/{args.rounds}: in-process best {inproc[best][-1]:.0f} rows/s (batch {best}), "
+                    + ", ".join(f"{k} {v[-1]:.0f} rows/s" for k, v in e2e.items()),
+                    flush=True,
+                )
+    finally:
+        await delete_queues(*queues.values())
+    med = {b: statistics.median(v) for b, v in inproc.items()}
+    best = max(med, key=lambda b: med[b])
+    worker, ungrouped = statistics.median(e2e["worker"]), statistics.median(e2e["ungrouped"])
+    print()
+    print(f"{args.count} texts (half ~10, half ~60 tokens), one per message; median of {args.rounds} rounds")
+    print("in-process rows/s by batch size: " + ", ".join(f"{b}: {v:.0f}" for b, v in med.items()))
+    print(f"{'end to end, grouped by length':<34} {worker:>8.0f} rows/s")
+    print(f"{'end to end, arrival order':<34} {ungrouped:>8.0f} rows/s")
+    print()
+    print(f"worker / in-process best (batch {best}): {worker / med[best]:.2f}  (target >= 0.95)")
+    print(f"grouped / ungrouped, end to end:       {worker / ungrouped:.2f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="models/all-MiniLM-L6-v2", help="text model folder")
+    parser.add_argument("--count", type=int, default=1536, help="texts per run")
+    parser.add_argument("--window", type=int, default=256, help="requests in flight (and worker prefetch)")
+    parser.add_argument("--max-batch", type=int, default=64, help="worker --max-batch")
+    parser.add_argument("--batch-sizes", default="16,32,64", help="in-process batch sizes to try")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds")
+    sys.exit(asyncio.run(main(parser.parse_args())))
