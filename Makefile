@@ -63,6 +63,14 @@ image: ## Build the worker image from the Containerfile with podman or docker (b
 demo: model broker ## Start a worker on the default model, embed a few sentences through the broker, stop it
 	$(BIN)/python scripts/demo.py
 
+# LOADTEST_WORKERS, LOADTEST_ARGS (producer load-test options), LOADTEST_WORKER_ARGS, LOADTEST_MODEL: see scripts/load-test.sh.
+LOADTEST_WORKERS ?= 1
+export LOADTEST_WORKERS
+
+.PHONY: load-test
+load-test: install ## Start LOADTEST_WORKERS workers on the default model, offer a load with a burst, report to reports/
+	@BIN=$(BIN) scripts/load-test.sh
+
 .PHONY: test
 test: model broker ## Run the whole test suite against a real broker (builds the default model first)
 	$(BIN)/pytest

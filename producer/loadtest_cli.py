@@ -36,7 +36,7 @@ def add_loadtest_parser(subparsers: argparse._SubParsersAction[argparse.Argument
         description="Publish requests on a schedule (constant, Poisson, burst) or at a fixed concurrency (closed), "
         "collect the replies over direct reply-to, and write a report: throughput, latency percentiles, latency "
         "by stage (from each reply's parameters.timing), batch sizes, errors, queue depth, and a plot. "
-        "The default profile is a burst: 20/s, 200/s for 5 s from 5 s, then 20/s, 25 s in all.",
+        "The default profile is a burst: 10/s, 150/s for 4 s from 5 s, then 10/s, 25 s in all.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     target = p.add_argument_group("target")

@@ -60,10 +60,10 @@ class Profile:
     """
 
     mode: Mode = "burst"
-    rate_per_s: float = 20.0
-    burst_rate_per_s: float = 200.0
+    rate_per_s: float = 10.0
+    burst_rate_per_s: float = 150.0
     burst_start_s: float = 5.0
-    burst_duration_s: float = 5.0
+    burst_duration_s: float = 4.0
     concurrency: int = 8
     duration_s: float = 25.0
     max_requests: int | None = None
