@@ -106,6 +106,15 @@ class Reply:
     outcome_label: str  # "ok" or an error code, for metrics
 
 
+def _open_channel(message: AbstractIncomingMessage) -> Any | None:
+    """The (aiormq) channel a message came on, or None once that channel is closed."""
+    try:
+        channel = message.channel
+    except aiormq.exceptions.ChannelInvalidStateError:
+        return None
+    return None if channel.is_closed else channel
+
+
 def _header_ms(message: AbstractIncomingMessage, name: str) -> float | None:
     value = message.headers.get(name) if message.headers else None
     if isinstance(value, int | float) and not isinstance(value, bool):
@@ -202,6 +211,7 @@ class Worker:
         self._window = 1  # the prefetch wanted now
         self._consumer_window = 0  # the prefetch the current consumer was started with
         self._window_lock = asyncio.Lock()
+        self._settle_lock = asyncio.Lock()
         self._suspects_open = 0
         self._publish_channel: aio_pika.abc.AbstractChannel | None = None
         self.batches_run = 0
@@ -649,54 +659,59 @@ class Worker:
         await self._settle(settled)
 
     async def _settle(self, settled: Sequence[tuple[Job, Outcome]]) -> None:
-        """Tell the broker what happened, per :func:`ack_action`; acks are batched per channel."""
-        to_ack: dict[int, tuple[AckLedger, Any, list[int]]] = {}
-        for job, outcome in settled:
-            message = job.message
-            tag = message.delivery_tag
-            assert tag is not None
-            channel = message.channel
-            action = ack_action(outcome)
-            if action is AckAction.HOLD and not channel.is_closed:
-                job.ledger.hold(tag)
-                self.metrics.requests.labels("reply_held").inc()
-                self._spawn(self._retry_reply(job))
-                continue
-            self.metrics.inflight.dec()
-            if job.suspect:
-                self._suspects_open -= 1
-            if channel.is_closed:
-                # The broker already requeued everything unacked on that channel.
-                log.debug("settle_dropped_closed_channel", request_id=job.request_id, outcome=outcome.value)
-                continue
-            job.ledger.release(tag)
-            try:
+        """Tell the broker what happened, per :func:`ack_action`; acks are batched per channel.
+
+        Decisions and the frames that carry them are made under one lock, in order: the write queue
+        under aiormq is bounded, so two settles racing for room could otherwise send a multiple-ack
+        after a later one (an unknown delivery tag, which closes the channel) or before the requeue
+        of a tag it covers (acking a request meant to go back).
+        """
+        async with self._settle_lock:
+            frames: list[tuple[Any, AckAction, int, bool]] = []  # channel, action, tag, multiple
+            to_ack: dict[int, tuple[AckLedger, Any, list[int]]] = {}
+            for job, outcome in settled:
+                message = job.message
+                tag = message.delivery_tag
+                assert tag is not None
+                channel = _open_channel(message)
+                action = ack_action(outcome)
+                if action is AckAction.HOLD and channel is not None:
+                    job.ledger.hold(tag)
+                    self.metrics.requests.labels("reply_held").inc()
+                    self._spawn(self._retry_reply(job))
+                    continue
+                self.metrics.inflight.dec()
+                if job.suspect:
+                    self._suspects_open -= 1
+                if channel is None:
+                    # The broker already requeued everything unacked on that channel.
+                    log.debug("settle_dropped_closed_channel", request_id=job.request_id, outcome=outcome.value)
+                    continue
+                job.ledger.release(tag)
                 entry = to_ack.setdefault(id(job.ledger), (job.ledger, channel, []))
                 if action is AckAction.ACK:
                     entry[2].append(tag)
-                elif action is AckAction.REQUEUE:
-                    job.ledger.discard(tag)
-                    self.metrics.requests.labels("requeued").inc()
-                    await channel.basic_nack(tag, multiple=False, requeue=True)
-                else:
-                    job.ledger.discard(tag)
-                    self.metrics.requests.labels("dead_lettered").inc()
-                    await channel.basic_reject(tag, requeue=False)
-            except (aiormq.exceptions.ChannelInvalidStateError, aiormq.exceptions.AMQPError, ConnectionError) as e:
-                log.debug("settle_failed", request_id=job.request_id, error=repr(e))
-        for ledger, channel, tags in to_ack.values():
-            # Also after a requeue or reject alone: removing a tag can free the acks queued behind it.
-            last = ledger.settle(tags)
-            singles = ledger.take_singles()  # settled behind a held reply: a multiple-ack would cover it
-            if (last is None and not singles) or channel.is_closed:
-                continue
-            try:
+                    continue
+                job.ledger.discard(tag)
+                self.metrics.requests.labels("requeued" if action is AckAction.REQUEUE else "dead_lettered").inc()
+                frames.append((channel, action, tag, False))
+            for ledger, channel, tags in to_ack.values():
+                # Also after a requeue or reject alone: removing a tag can free the acks queued behind it.
+                last = ledger.settle(tags)
                 if last is not None:
-                    await channel.basic_ack(last, multiple=True)
-                for tag in singles:
-                    await channel.basic_ack(tag, multiple=False)
-            except (aiormq.exceptions.ChannelInvalidStateError, aiormq.exceptions.AMQPError, ConnectionError) as e:
-                log.debug("ack_failed", error=repr(e))
+                    frames.append((channel, AckAction.ACK, last, True))
+                # Settled behind a held reply: a multiple-ack would cover the held one.
+                frames += [(channel, AckAction.ACK, tag, False) for tag in ledger.take_singles()]
+            for channel, action, tag, multiple in frames:
+                try:
+                    if action is AckAction.ACK:
+                        await channel.basic_ack(tag, multiple=multiple, wait=False)
+                    elif action is AckAction.REQUEUE:
+                        await channel.basic_nack(tag, multiple=False, requeue=True, wait=False)
+                    else:
+                        await channel.basic_reject(tag, requeue=False, wait=False)
+                except (aiormq.exceptions.ChannelInvalidStateError, aiormq.exceptions.AMQPError, ConnectionError) as e:
+                    log.debug("settle_failed", action=action.value, tag=tag, error=repr(e))
 
     async def _retry_reply(self, job: Job) -> None:
         """Publish a refused reply again after a backoff; its request stays unacked meanwhile.
@@ -708,7 +723,7 @@ class Worker:
         job.reply_attempts += 1
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stop_event.wait(), delay_s)
-        if job.message.channel.is_closed:  # the broker has requeued the request already
+        if _open_channel(job.message) is None:  # the broker has requeued the request already
             await self._settle([(job, Outcome.REPLY_LOST)])
             return
         await self._reply([job.reply])
