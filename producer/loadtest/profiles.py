@@ -120,7 +120,8 @@ class Profile:
         return [p for p in phases if p.end_s > p.start_s]
 
     def expected_requests(self) -> int | None:
-        """How many requests the schedule holds (open loop), capped by ``max_requests``; None for closed mode."""
+        """How many requests the schedule holds (open loop; Poisson: on average), capped by ``max_requests``;
+        for closed mode ``max_requests``."""
         if self.mode == "closed":
             return self.max_requests
         total = sum(math.ceil((p.end_s - p.start_s) * p.rate_per_s - 1e-9) for p in self.phases())

@@ -237,6 +237,8 @@ class LoadRunner:
         t = self.target
         deadline = time.monotonic() + t.wait_timeout_s
         while True:
+            if self._stop.is_set():
+                raise LoadTestError(f"interrupted while waiting for queue {t.queue!r}")
             channel = await connection.channel()
             try:
                 queue = await channel.declare_queue(t.queue, passive=True)

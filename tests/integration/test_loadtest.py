@@ -85,6 +85,26 @@ async def test_a_short_burst_against_a_worker_yields_a_report_with_every_section
     assert json.loads(paths["json"].read_text())["summary"]["ok"] == expected
 
 
+DEFAULT_MODEL = ROOT / "models" / "all-MiniLM-L6-v2"
+
+
+@pytest.mark.skipif(not DEFAULT_MODEL.is_dir(), reason="no default model: build it with `make model`")
+async def test_text_payloads_are_embedded_by_the_default_model(amqp_url: str, queue: str) -> None:
+    payload = PayloadSpec(kind="text", rows=2, variants=8)
+    profile = Profile(mode="constant", rate_per_s=20, duration_s=1)
+    async with running_worker(amqp_url, DEFAULT_MODEL, queue):
+        runner = LoadRunner(
+            Target(amqp_url=amqp_url, queue=queue),
+            profile,
+            build_bodies(payload),
+            content_type=payload.content_type,
+            rows=payload.rows,
+        )
+        result = await runner.run()
+    assert [s.outcome for s in result.samples] == [OK] * 20
+    assert sum(int(s.timing["batch_rows"]) >= 2 for s in result.samples) == 20
+
+
 async def test_closed_loop_keeps_the_concurrency_and_stops_at_max_requests(
     amqp_url: str, model: Path, queue: str
 ) -> None:
