@@ -62,7 +62,7 @@ __all__ = ["BulkJob", "BulkOptions", "BulkSummary", "JobFailedError", "ProgressS
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_ROWS_PER_MESSAGE = 32
+DEFAULT_ROWS_PER_MESSAGE = 64  # measured: bench/bulk_rows_per_message.py; the default worker --max-batch
 DEFAULT_MAX_IN_FLIGHT = 64
 _ACK_BATCH = 256
 Order = Literal["arrival", "input"]
@@ -213,6 +213,7 @@ class BulkJob:
         self._order: collections.deque[_Slot] = collections.deque()
         self._early: dict[str, tuple[bytes, str | None]] = {}
         self._requests: dict[str, list[Row]] = {}
+        self._packer = Packer(options.rows_per_message)
         self._unwritten = 0
         self._scanning = True
         self._window = asyncio.Semaphore(options.max_in_flight)
@@ -331,7 +332,7 @@ class BulkJob:
 
     async def _scan(self) -> None:
         opts = self.options
-        packer = Packer(opts.rows_per_message)
+        packer = self._packer
         for line, text in iter_input(opts.input_path):
             self.summary.input_rows += 1
             parsed = parse_row(
@@ -504,6 +505,10 @@ class BulkJob:
         if len(unresolved) > 1:
             self.summary.splits += 1
             half = len(unresolved) // 2
+            if code == ErrorCode.TOO_MANY_ROWS and half < self._packer.rows_per_message:
+                # The workers take fewer rows per request than asked: pack fewer from now on.
+                log.warning("bulk_rows_per_message_lowered", job_id=self.job_id, rows_per_message=half)
+                self._packer.rows_per_message = half
             self._publish(unresolved[:half])
             self._publish(unresolved[half:])
             return

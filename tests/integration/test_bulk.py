@@ -16,7 +16,7 @@ import aio_pika
 import aio_pika.exceptions
 import pytest
 
-from producer.bulk import BulkJob, BulkOptions, BulkSummary
+from producer.bulk import BulkJob, BulkOptions, BulkSummary, JobFailedError
 from producer.names import dead_letter_queue, results_queue
 from tests.integration.worker_process import REPO_ROOT, WorkerProcess, child_env
 from tests.models import affine_model
@@ -251,3 +251,15 @@ async def test_worker_restarted_part_way_still_gives_every_row_exactly_once(
             second.stop()
     assert (summary.written, summary.failed) == (ROWS, 0)
     _assert_every_row_exactly_once(tmp_path / "out.jsonl")
+
+
+async def test_a_missing_request_queue_stops_the_job_and_keeps_its_results_queue(amqp_url: str, tmp_path: Path) -> None:
+    _write_input(tmp_path / "in.jsonl", rows=20)
+    job_id = f"job-{uuid.uuid4().hex[:8]}"
+    options = _options(tmp_path, amqp_url, f"test.bulk.missing.{uuid.uuid4().hex}", job_id)
+    try:
+        with pytest.raises(JobFailedError, match=f"no queue named .* rerun with --job-id {job_id}"):
+            await BulkJob(options).run()
+        assert await _queue_exists(amqp_url, results_queue(job_id))
+    finally:
+        await _delete_queues(amqp_url, results_queue(job_id))

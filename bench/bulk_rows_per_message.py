@@ -1,0 +1,136 @@
+"""Bulk jobs: rows/s with one row per message vs several rows packed per message.
+
+Runs ``producer bulk`` jobs (the :class:`producer.bulk.BulkJob` the CLI runs) of ``--rows`` small
+rows through one worker process, once per ``--rows-per-message`` setting, round after round so
+background load falls on every setting alike; each figure is the median over the rounds. Two
+models: the tiny affine model (``x`` FP32 [N, 4] → ``y = 2x + 1``) and, when it is present, the
+default text model (short sentences → ``embedding`` [N, 384]). Prints rows/s per setting and
+the ratio of the best setting to one row per message.
+
+Usage: python -m bench.bulk_rows_per_message [--rows 20000] [--rows-per-message 1,8,16,32,64]
+       [--text-rows 20000] [--text-rows-per-message 1,32] [--rounds 1] [--max-in-flight 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import structlog
+
+from bench.driver import AMQP_URL, ROOT, consumer_process, delete_queues, worker_argv
+from producer.bulk import BulkJob, BulkOptions
+from tests.models import affine_model
+
+TEXT_MODEL = ROOT / "models" / "all-MiniLM-L6-v2"
+WARM_UP_ROWS = 1000
+WORDS = ["the", "a", "queue", "worker", "reply", "batch", "model", "fast", "slow", "broker", "message", "row"]
+
+
+def write_tensor_rows(path: Path, rows: int) -> None:
+    with path.open("w") as f:
+        for i in range(rows):
+            f.write(json.dumps({"id": f"r{i}", "inputs": {"x": [i, i + 0.5, -i, 1.0]}}) + "\n")
+
+
+def write_text_rows(path: Path, rows: int) -> None:
+    rng = random.Random(0)
+    with path.open("w") as f:
+        for i in range(rows):
+            text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12)))
+            f.write(json.dumps({"id": f"t{i}", "text": text}) + "\n")
+
+
+async def run_job(input_path: Path, queue: str, rows_per_message: int, max_in_flight: int) -> float:
+    """One complete bulk job from scratch; returns rows/s."""
+    output = input_path.with_suffix(f".out{rows_per_message}.jsonl")
+    output.unlink(missing_ok=True)
+    options = BulkOptions(
+        input_path=input_path,
+        output_path=output,
+        queue=queue,
+        job_id=f"bench-{uuid.uuid4().hex[:8]}",
+        amqp_url=AMQP_URL,
+        rows_per_message=rows_per_message,
+        max_in_flight=max_in_flight,
+    )
+    summary = await BulkJob(options).run()
+    if summary.failed_total:
+        raise RuntimeError(f"{summary.failed_total} rows failed: {dict(summary.errors_by_code)}")
+    output.unlink()
+    return summary.rows_per_s
+
+
+async def measure(
+    label: str, model: Path, input_path: Path, settings: list[int], rounds: int, max_in_flight: int
+) -> None:
+    queue = f"bench.bulk.{uuid.uuid4().hex[:8]}"
+    rates: dict[int, list[float]] = {n: [] for n in settings}
+    try:
+        async with consumer_process(worker_argv(model, queue, "--max-batch", "64"), "worker_started"):
+            warm_up = input_path.with_suffix(".warm-up.jsonl")
+            with input_path.open() as source, warm_up.open("w") as head:
+                head.writelines(line for _, line in zip(range(WARM_UP_ROWS), source, strict=False))
+            await run_job(warm_up, queue, max(settings), max_in_flight)
+            for _ in range(rounds):
+                for n in settings:
+                    rates[n].append(await run_job(input_path, queue, n, max_in_flight))
+    finally:
+        await delete_queues(queue)
+    medians = {n: statistics.median(r) for n, r in rates.items()}
+    base = medians.get(1)
+    print(f"\n{label}: {sum(1 for _ in input_path.open()):,} rows, median of {rounds} round(s)")
+    print(f"  {'rows/message':>12}  {'rows/s':>10}  {'vs 1/msg':>8}")
+    for n, rate in medians.items():
+        ratio = f"{rate / base:7.1f}x" if base else "       -"
+        print(f"  {n:>12}  {rate:>10,.0f}  {ratio}")
+    best = max(medians, key=lambda n: medians[n])
+    if base:
+        print(f"  best: {best} rows/message, {medians[best] / base:.1f}x the rows/s of 1 row/message")
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=20000)
+    parser.add_argument("--rows-per-message", type=_int_list, default=[1, 8, 16, 32, 64])
+    parser.add_argument("--text-rows", type=int, default=20000, help="0 skips the text model")
+    parser.add_argument("--text-rows-per-message", type=_int_list, default=[1, 32])
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--max-in-flight", type=int, default=64)
+    args = parser.parse_args()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        tensor_input = root / "tensor.jsonl"
+        write_tensor_rows(tensor_input, args.rows)
+        model = affine_model(root / "affine.onnx")
+        await measure("tiny affine model", model, tensor_input, args.rows_per_message, args.rounds, args.max_in_flight)
+        if args.text_rows and TEXT_MODEL.exists():
+            text_input = root / "text.jsonl"
+            write_text_rows(text_input, args.text_rows)
+            await measure(
+                "default text model",
+                TEXT_MODEL,
+                text_input,
+                args.text_rows_per_message,
+                args.rounds,
+                args.max_in_flight,
+            )
+        elif args.text_rows:
+            print(f"\ndefault text model: skipped, {TEXT_MODEL} is absent (make model)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
