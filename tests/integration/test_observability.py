@@ -27,7 +27,7 @@ from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
 
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
+DOCS = Path(__file__).resolve().parents[2] / "README.md"
 WAIT_S = 20.0
 
 
@@ -68,7 +68,7 @@ def _free_port() -> int:
 
 
 def documented_metrics() -> set[str]:
-    """The metric names in the README's Metrics table (docs/metrics.md)."""
+    """The metric names in the README's Metrics table."""
     return set(re.findall(r"^\| `(qinfer_[a-z_]+)` \|", DOCS.read_text(), flags=re.MULTILINE))
 
 
@@ -195,7 +195,7 @@ async def test_metrics_endpoint_serves_exactly_the_documented_names(
     amqp_url: str, model: Path, queue: str, http: aiohttp.ClientSession, connection: aio_pika.abc.AbstractConnection
 ) -> None:
     documented = documented_metrics()
-    assert len(documented) >= 10, f"docs/metrics.md lists too few metrics: {sorted(documented)}"
+    assert len(documented) >= 10, f"the README lists too few metrics: {sorted(documented)}"
     async with served(amqp_url, model, queue) as (worker, base):
         await worker.consuming_event.wait()
         rpc = await RpcClient.open(connection)
