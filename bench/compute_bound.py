@@ -68,7 +68,7 @@ async def main(args: argparse.Namespace) -> None:
     }
     try:
         async with contextlib.AsyncExitStack() as stack:
-            for kind, argv in argvs.items():
+            for argv in argvs.values():
                 await stack.enter_async_context(consumer_process(argv, "worker_started"))
             for queue in queues.values():  # warm-up
                 await drive(queue, bodies[:128], content_type=CONTENT_TYPE_MSGPACK, window=args.window)
