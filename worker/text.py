@@ -5,7 +5,7 @@ hidden states it computed, so the same code serves the worker, the benchmark and
 
     pipeline = TextPipeline.from_folder("models/all-MiniLM-L6-v2", model_inputs=names_the_session_declares)
     rows = pipeline.tokenize(["a text", "another one"])            # one int64 id array per text
-    for group in group_by_length([len(r) for r in rows], max_rows=64):
+    for group in group_by_length(token_counts(rows), max_rows=64):
         batch = pipeline.pad([rows[i] for i in group])             # padded to the longest row of this group
         hidden = session.run([pipeline.hidden_state], pipeline.feeds(batch))[0]
         vectors = pipeline.pool(hidden, batch)                     # float32 [len(group), dim]
@@ -42,6 +42,7 @@ __all__ = [
     "pad_rows",
     "padded_tokens",
     "texts_from_tensor",
+    "token_counts",
 ]
 
 IdArray = npt.NDArray[np.int64]
@@ -149,6 +150,11 @@ def group_by_length(lengths: Sequence[int], max_rows: int, *, max_padded_tokens:
             current.append(i)
         split.append(current)
     return split
+
+
+def token_counts(rows: Sequence[IdArray]) -> list[int]:
+    """Token count of each tokenized row (before padding): what :func:`group_by_length` takes."""
+    return [len(row) for row in rows]
 
 
 def padded_tokens(lengths: Sequence[int], groups: Sequence[Sequence[int]]) -> int:
@@ -362,7 +368,7 @@ class TextPipeline:
         rows = self.tokenize(texts)
         out = np.empty((len(rows), self.dim), dtype=np.float32)
         if group:
-            groups = group_by_length([len(r) for r in rows], max_rows)
+            groups = group_by_length(token_counts(rows), max_rows)
         else:
             groups = [list(range(i, min(i + max_rows, len(rows)))) for i in range(0, len(rows), max_rows)]
         for indices in groups:

@@ -27,6 +27,7 @@ from worker.text import (
     pad_rows,
     padded_tokens,
     texts_from_tensor,
+    token_counts,
 )
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "café", "東京"]
@@ -87,6 +88,10 @@ def test_tokenize_adds_special_tokens_and_does_not_pad(pipeline: TextPipeline) -
 
 def test_empty_string_is_just_the_special_tokens(pipeline: TextPipeline) -> None:
     assert [r.tolist() for r in pipeline.tokenize([""])] == [[CLS, SEP]]
+
+
+def test_token_counts_are_the_unpadded_lengths(pipeline: TextPipeline) -> None:
+    assert token_counts(pipeline.tokenize(["", "the fox", "the quick brown fox jumps over lazy dog"])) == [2, 4, 6]
 
 
 def test_tokenize_of_no_texts_is_empty(pipeline: TextPipeline) -> None:
