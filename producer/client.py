@@ -214,6 +214,8 @@ class Client:
         finally:
             if self._pending.get(request_id) is future:
                 del self._pending[request_id]
+            if future.done() and not future.cancelled():
+                future.exception()  # retrieved: a publish error may have been raised instead
         if isinstance(reply, ErrorReply):
             raise ErrorReplyError(reply.id or request_id, reply.code, reply.message)
         return reply
