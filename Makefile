@@ -75,6 +75,10 @@ load-test: install ## Start LOADTEST_WORKERS workers on the default model, offer
 test: model broker ## Run the whole test suite against a real broker (builds the default model first)
 	$(BIN)/pytest
 
+.PHONY: chaos
+chaos: install broker ## Fault matrix against real worker processes at full size (restarts the local broker once); prints the counters
+	$(BIN)/python -m tests.chaos.harness --broker-restart $(CHAOS_ARGS)
+
 .PHONY: lint
 lint: install ## ruff and mypy
 	$(BIN)/ruff check .
