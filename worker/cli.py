@@ -30,6 +30,20 @@ def build_parser() -> argparse.ArgumentParser:
     settings_mod.add_arguments(run)
     inspect = commands.add_parser("inspect", help="print what the worker would do with a model")
     inspect.add_argument("model", type=Path, help="ONNX file or model folder")
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="measure throughput by batch size here; suggest --max-batch, --prefetch and the KEDA target",
+        description="Run the model in this process (no broker) on synthetic requests at each batch size, and "
+        "derive --max-batch, --prefetch and the KEDA targetQueueLength from the measured throughput.",
+    )
+    calibrate.add_argument("model", type=Path, nargs="?", default=Path(settings_mod.DEFAULT_MODEL_PATH),
+                           help="ONNX file or model folder (default: %(default)s)")  # fmt: skip
+    calibrate.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128", help="rows per run to try")
+    calibrate.add_argument("--rows-per-message", type=int, default=1, help="rows your producers put in a message")
+    calibrate.add_argument("--queueing-delay-s", type=float, default=30.0,
+                           help="how long a request may wait in the queue before KEDA adds a replica")  # fmt: skip
+    calibrate.add_argument("--seconds-per-size", type=float, default=2.0, help="measuring time per batch size")
+    calibrate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the model runs")
     return parser
 
 
@@ -45,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "inspect":
             return _inspect(args.model)
+        if args.command == "calibrate":
+            return _calibrate(args)
     except settings_mod.SettingsError as e:
         print(f"worker: invalid setting: {e}", file=sys.stderr)
         return 2
@@ -71,6 +87,40 @@ def _inspect(model: Path) -> int:
     print("what the worker does:")
     for step, text in enumerate(pipeline.describe(), 1):
         print(f"  {step}. {text}")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from worker.calibrate import calibrate
+    from worker.model import load_pipeline
+
+    console = Console()
+    sizes = sorted({int(b) for b in args.batch_sizes.split(",")})
+    pipeline = load_pipeline(settings_mod.Settings(model=args.model, device=args.device, max_batch=max(sizes)))
+    console.print(f"calibrating {pipeline.name} on {', '.join(pipeline.providers)}: batch sizes {sizes}")
+    result = calibrate(
+        pipeline,
+        sizes,
+        rows_per_message=args.rows_per_message,
+        queueing_delay_s=args.queueing_delay_s,
+        seconds_per_size=args.seconds_per_size,
+        progress=lambda b, r: console.print(f"  batch {b:>5}: {r:>10.1f} rows/s"),
+    )
+    table = Table(title="suggested settings (in-process throughput: the ceiling through the broker)")
+    table.add_column("setting")
+    table.add_column("value", justify="right")
+    table.add_column("why")
+    table.add_row("--max-batch", str(result.max_batch), "smallest batch within 5 % of the best rows/s")
+    table.add_row("--prefetch", str(result.prefetch), "two batches of messages, so the next batch is waiting")
+    table.add_row(
+        "autoscaling.targetQueueLength",
+        str(result.keda_target),
+        f"{result.messages_per_s:.0f} messages/s x {result.queueing_delay_s:g} s accepted delay (> prefetch)",
+    )
+    console.print(table)
     return 0
 
 
