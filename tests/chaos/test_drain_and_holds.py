@@ -1,0 +1,103 @@
+"""What the fault matrix cannot time deterministically from outside a process: readiness during a
+drain, and the ack ledger around a held reply."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import numpy as np
+import pytest
+
+from producer.names import CONTENT_TYPE_MSGPACK, dead_letter_queue
+from producer.protocol import InferReply, InferRequest, encode_request
+from tests.models import affine_model
+from tests.workers import RpcClient, Sent, decoded
+from worker.acks import AckLedger, reply_retry_delay_s
+from worker.consumer import Worker
+from worker.model import load_pipeline
+from worker.settings import Settings
+
+
+class GatedPipeline:
+    """A real pipeline whose runs wait for ``gate``, so a test decides when a batch finishes."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.gate = threading.Event()
+        self.running = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def batch_key(self, request: InferRequest) -> Hashable:
+        return self._inner.batch_key(request)
+
+    def run(self, requests: Sequence[InferRequest]) -> Any:
+        self.running.set()
+        self.gate.wait(30)
+        return self._inner.run(requests)
+
+
+@pytest.mark.integration
+async def test_readiness_is_false_from_the_start_of_a_drain_and_the_computing_batch_is_answered(
+    amqp_url: str,
+    tmp_path: Path,
+    queue_name: str,
+    cleanup_queues: list[str],
+    connection: aio_pika.abc.AbstractConnection,
+) -> None:
+    cleanup_queues.extend([dead_letter_queue(queue_name), queue_name])
+    settings = Settings(amqp_url=amqp_url, model=affine_model(tmp_path / "affine.onnx"), queue=queue_name, http_port=0)
+    pipeline = GatedPipeline(load_pipeline(settings))
+    pipeline.gate.set()  # let the warm-up through
+    worker = Worker(settings, pipeline, install_signal_handlers=False)  # type: ignore[arg-type]
+    task = asyncio.create_task(worker.run())
+    await asyncio.wait_for(worker.consuming_event.wait(), 30)
+    assert worker.health.ready
+    pipeline.gate.clear()
+    pipeline.running.clear()
+    rpc = await RpcClient.open(connection)
+    body = encode_request({"x": np.ones((1, 4), np.float32)}, CONTENT_TYPE_MSGPACK)
+    reply = await rpc.publish(queue_name, Sent(body, CONTENT_TYPE_MSGPACK))
+    await asyncio.to_thread(pipeline.running.wait, 30)  # the batch is computing now
+    worker.stop_event.set()  # what SIGTERM does
+    for _ in range(1000):  # the drain starts within a few turns of the event loop, with no I/O
+        if worker.health.draining:
+            break
+        await asyncio.sleep(0)
+    assert not worker.health.ready
+    pipeline.gate.set()
+    await asyncio.wait_for(task, 30)
+    answer = decoded(await asyncio.wait_for(reply, 10))
+    assert isinstance(answer, InferReply)
+    np.testing.assert_array_equal(answer.outputs["y"], np.full((1, 4), 3.0, np.float32))
+    declared = await (await connection.channel()).declare_queue(queue_name, passive=True)
+    assert declared.declaration_result.message_count == 0  # acked, not handed back
+
+
+def test_ledger_acks_around_a_held_tag_one_by_one_and_never_covers_it() -> None:
+    ledger = AckLedger()
+    for tag in (1, 2, 3, 4, 5):
+        ledger.add(tag)
+    ledger.hold(1)
+    assert ledger.settle([2, 3]) is None  # 1 is held: no multiple-ack may cover it
+    assert ledger.take_singles() == [2, 3]
+    assert ledger.settle([5]) is None
+    assert ledger.take_singles() == []  # 4 is still being worked on, and holds 5 back as usual
+    assert ledger.settle([4]) is None
+    assert ledger.take_singles() == [4, 5]
+    ledger.release(1)
+    assert ledger.settle([1]) == 1
+    assert len(ledger) == 0
+
+
+def test_refused_replies_are_retried_with_a_gentle_bounded_backoff() -> None:
+    delays = [reply_retry_delay_s(attempt) for attempt in range(10)]
+    assert delays == sorted(delays)
+    assert delays[0] > 0
+    assert max(delays) <= 2.0
