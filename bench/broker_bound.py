@@ -49,7 +49,10 @@ async def main(args: argparse.Namespace) -> None:
         baseline = [sys.executable, "-m", "bench.baselines"]
         argvs = {
             "worker": worker_argv(
-                model, queues["worker"], "--max-batch", str(args.max_batch), "--prefetch", str(args.window)
+                model,
+                queues["worker"],
+                *("--max-batch", str(args.max_batch), "--prefetch", str(args.window)),
+                *args.worker_args.split(),
             ),
             "echo": [*baseline, "echo", "--queue", queues["echo"], "--prefetch", str(args.window)],
             "unbatched": [
@@ -119,4 +122,5 @@ if __name__ == "__main__":
     parser.add_argument("--single-count", type=int, default=300, help="requests sent one at a time")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over the three consumers")
     parser.add_argument("--max-batch", type=int, default=64, help="worker --max-batch")
+    parser.add_argument("--worker-args", default="", help="more `worker run` flags, e.g. '--intra-op-threads 1'")
     asyncio.run(main(parser.parse_args()))
