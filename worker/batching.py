@@ -18,40 +18,59 @@ Arrays = dict[str, npt.NDArray[Any]]
 
 
 class Batchable(Generic[T]):
-    """An item waiting for a batch: its payload, its row count and its compatibility key."""
+    """An item waiting for a batch.
 
-    __slots__ = ("item", "key", "rows")
+    Attributes:
+        item: the payload.
+        rows: its row count (first dimension).
+        key: compatibility key; only items with equal keys share a batch.
+        length: the length its rows are padded to (tokens for text), or None when nothing is padded.
+    """
 
-    def __init__(self, item: T, *, rows: int, key: Hashable) -> None:
+    __slots__ = ("item", "key", "length", "rows")
+
+    def __init__(self, item: T, *, rows: int, key: Hashable, length: int | None = None) -> None:
         self.item = item
         self.rows = rows
         self.key = key
+        self.length = length
 
 
 def take_batch(pending: deque[Batchable[T]], max_rows: int) -> list[T]:
-    """Remove and return the next batch from ``pending`` (oldest first).
+    """Remove and return the next batch from ``pending``.
 
-    The batch starts with the oldest item and adds, in arrival order, every later item with the
-    same key while the row count stays within ``max_rows``. Items that do not fit or do not match
-    keep their place for the next batch. An item larger than ``max_rows`` on its own is still
-    returned alone (the caller rejects such requests before they get here).
+    The batch always contains the oldest item, so nothing starves. It adds items with the same
+    key while the row count stays within ``max_rows``: in arrival order, or, when the oldest item
+    has a ``length``, those whose lengths are closest to it (ties in arrival order), so the batch
+    pads as little as the window allows. Items left out keep their place for the next batch. An
+    item larger than ``max_rows`` on its own is still returned alone (the caller rejects such
+    requests before they get here).
     """
     if not pending:
         return []
     first = pending.popleft()
-    batch = [first.item]
     rows = first.rows
     if rows >= max_rows or not pending:
-        return batch
-    kept: list[Batchable[T]] = []
-    while pending and rows < max_rows:
-        candidate = pending.popleft()
-        if candidate.key == first.key and rows + candidate.rows <= max_rows:
-            batch.append(candidate.item)
-            rows += candidate.rows
-        else:
-            kept.append(candidate)
-    pending.extendleft(reversed(kept))
+        return [first.item]
+    items = list(pending)
+    candidates = [i for i, b in enumerate(items) if b.key == first.key]
+    if first.length is not None:
+        anchor = first.length
+        candidates.sort(key=lambda i: abs((items[i].length or 0) - anchor))
+    chosen: list[int] = []
+    for i in candidates:
+        if rows + items[i].rows <= max_rows:
+            chosen.append(i)
+            rows += items[i].rows
+            if rows == max_rows:
+                break
+    if not chosen:
+        return [first.item]
+    taken = set(chosen)
+    batch = [first.item] + [items[i].item for i in sorted(chosen)]
+    kept = [b for i, b in enumerate(items) if i not in taken]
+    pending.clear()
+    pending.extend(kept)
     return batch
 
 

@@ -79,7 +79,8 @@ def measure(pipeline: Pipeline, batch_sizes: Sequence[int], *, seconds_per_size:
     results: dict[int, float] = {}
     for batch in batch_sizes:
         prepared = [pipeline.prepare(r, max_rows=batch) for r in synthetic_requests(pipeline, max(batch, 64))]
-        prepared.sort(key=lambda p: str(pipeline.batch_key(p)))  # as the worker groups compatible requests
+        # As the worker batches: compatible requests together, of similar padded length.
+        prepared.sort(key=lambda p: (str(pipeline.batch_key(p)), pipeline.padding_length(p) or 0))
         pipeline.run(prepared[:batch])  # warm this size
         rows = 0
         started = time.perf_counter()

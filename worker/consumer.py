@@ -62,6 +62,7 @@ _TRANSIENT = int(DeliveryMode.NOT_PERSISTENT)
 _PERSISTENT = int(DeliveryMode.PERSISTENT)
 _IDLE_CHECK_S = 0.1  # how often an idle --exit-when-idle worker asks the broker whether the queue is empty
 _CONSUMER_CHECK_S = 0.25  # how often readiness checks that the broker still has our consumer
+_BATCHES_AHEAD = 2  # batches handed to the model thread at once: one running, one queued behind it
 _DELIVERY_TURNS = 3  # event-loop turns a delivery read from the socket needs to reach _on_message
 _CLOSE_TIMEOUT_S = 5.0  # longest a consumer cancel or connection close may take while draining
 # Handing a batch to the model thread and back costs about 0.1 ms of event-loop time idle, and
@@ -79,13 +80,17 @@ def _timed_warm_up(pipeline: Pipeline, max_rows: int) -> float:
     return time.perf_counter() - started
 
 
-def _timed_run(
-    run: Callable[[Sequence[Any]], list[Arrays]], prepared: Sequence[Any]
-) -> tuple[list[Arrays | Exception], float]:
-    """Run a batch with failure isolation; return the results and the seconds the model took."""
-    started = time.perf_counter()
+_RunResult = tuple[list[Arrays | Exception], float, float]
+
+
+def _timed_run(run: Callable[[Sequence[Any]], list[Arrays]], prepared: Sequence[Any]) -> _RunResult:
+    """Run a batch with failure isolation, where it runs (loop or model thread).
+
+    Returns the results, when the run started (``time.monotonic()``) and how long it took (s).
+    """
+    started = time.monotonic()
     results = run_isolating(run, prepared)
-    return results, time.perf_counter() - started
+    return results, started, time.monotonic() - started
 
 
 @dataclasses.dataclass(slots=True)
@@ -206,7 +211,6 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._ledger = AckLedger()
         self._ledger_channel: Any = None
-        self._computing = False
         self._run_inline = False  # decided at warm-up: see _INLINE_COMPUTE_S
         self._warm_up_s = 0.0
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
@@ -490,7 +494,8 @@ class Worker:
         job.prepared = prepared
         # A suspect never shares a model run: if it kills the process, only it was computing.
         key = ("suspect", message.delivery_tag) if job.suspect else self.pipeline.batch_key(prepared)
-        self._pending.append(Batchable(job, rows=request.rows, key=key))
+        length = self.pipeline.padding_length(prepared)
+        self._pending.append(Batchable(job, rows=request.rows, key=key, length=length))
         self._wakeup.set()
 
     # ------------------------------------------------------------------------------------------
@@ -501,7 +506,15 @@ class Worker:
         loop = asyncio.get_running_loop()
         assert self.pipeline is not None
         run = self.pipeline.run
+        # Batches handed to the model thread, oldest first. Up to _BATCHES_AHEAD: while one runs,
+        # the next waits in the executor's queue, so the model never idles while the loop encodes
+        # and publishes the previous batch's replies.
+        computing: deque[tuple[list[Job], asyncio.Future[_RunResult]]] = deque()
         while not self.health.draining:
+            if computing and (len(computing) >= _BATCHES_AHEAD or not self._pending):
+                jobs, future = computing.popleft()
+                self._finish_batch(jobs, await future)
+                continue
             if not self._pending:
                 self._wakeup.clear()
                 if s.exit_when_idle:
@@ -523,7 +536,7 @@ class Worker:
             if s.max_delay_ms > 0 and pending_rows(self._pending) < s.max_batch:
                 await self._linger(self._pending[0].item.received_s + s.max_delay_ms / 1000.0)
                 if self.health.draining:
-                    return
+                    break
             jobs = take_batch(self._pending, s.max_batch)
             now_ms = time.time() * 1000.0
             expired = [j for j in jobs if j.deadline_ms is not None and now_ms > j.deadline_ms]
@@ -532,42 +545,39 @@ class Worker:
                 jobs = [j for j in jobs if not (j.deadline_ms is not None and now_ms > j.deadline_ms)]
                 if not jobs:
                     continue
-            requests = [j.request for j in jobs if j.request is not None]
             prepared = [j.prepared for j in jobs]
-            started = time.monotonic()
-            self._computing = True
-            try:
-                if self._run_inline:
-                    results, compute_s = _timed_run(run, prepared)
-                else:
-                    results, compute_s = await loop.run_in_executor(self._executor, _timed_run, run, prepared)
-            finally:
-                self._computing = False
-            finished = time.monotonic()
-            rows = sum(r.rows for r in requests)
-            self.batches_run += 1
-            self.rows_run += rows
-            self.metrics.compute_seconds.observe(compute_s)
-            self.metrics.batch_rows.observe(rows)
-            self.metrics.batch_requests.observe(len(jobs))
-            self.metrics.rows.inc(rows)
-            timing = {
-                "batch_rows": rows,
-                "batch_requests": len(jobs),
-                "compute_ms": round(compute_s * 1e3, 3),
-            }
-            replies = []
-            for job, result in zip(jobs, results, strict=True):
-                wait_s = started - job.received_s
-                self.metrics.batch_wait_seconds.observe(wait_s)
-                if isinstance(result, Exception):
-                    log.warning("inference_failed", request_id=job.request_id, error=repr(result))
-                    replies.append(
-                        self._error(job, ErrorCode.INFERENCE_FAILED, f"the model failed on this request: {result}")
-                    )
-                else:
-                    replies.append(self._result(job, result, {**timing, "batch_wait_ms": round(wait_s * 1e3, 3)}))
-            self._spawn(self._reply(replies, finished_s=finished))
+            if self._run_inline:
+                self._finish_batch(jobs, _timed_run(run, prepared))
+            else:
+                computing.append((jobs, loop.run_in_executor(self._executor, _timed_run, run, prepared)))
+        while computing:  # draining: finish what the model thread has, so its replies go out
+            jobs, future = computing.popleft()
+            self._finish_batch(jobs, await future)
+
+    def _finish_batch(self, jobs: list[Job], result: _RunResult) -> None:
+        """Record a finished model run and send its replies (in a task of their own)."""
+        results, started, compute_s = result
+        finished = time.monotonic()
+        rows = sum(j.request.rows for j in jobs if j.request is not None)
+        self.batches_run += 1
+        self.rows_run += rows
+        self.metrics.compute_seconds.observe(compute_s)
+        self.metrics.batch_rows.observe(rows)
+        self.metrics.batch_requests.observe(len(jobs))
+        self.metrics.rows.inc(rows)
+        timing = {"batch_rows": rows, "batch_requests": len(jobs), "compute_ms": round(compute_s * 1e3, 3)}
+        replies = []
+        for job, outputs in zip(jobs, results, strict=True):
+            wait_s = started - job.received_s
+            self.metrics.batch_wait_seconds.observe(wait_s)
+            if isinstance(outputs, Exception):
+                log.warning("inference_failed", request_id=job.request_id, error=repr(outputs))
+                replies.append(
+                    self._error(job, ErrorCode.INFERENCE_FAILED, f"the model failed on this request: {outputs}")
+                )
+            else:
+                replies.append(self._result(job, outputs, {**timing, "batch_wait_ms": round(wait_s * 1e3, 3)}))
+        self._spawn(self._reply(replies, finished_s=finished))
 
     async def _linger(self, until_s: float) -> None:
         """Wait for more rows until ``until_s`` (monotonic), a full batch, or draining."""

@@ -79,6 +79,10 @@ class Pipeline(Protocol):
     def batch_key(self, prepared: Any) -> Hashable:
         """Prepared requests with equal keys can share one model run."""
 
+    def padding_length(self, prepared: Any) -> int | None:
+        """The length a prepared request's rows are padded to in a batch, or None when there is no
+        padding; the batcher puts requests of similar length together."""
+
     def run(self, prepared: Sequence[Any]) -> list[Arrays]:
         """Run one batch (blocking; may be called from the model thread) and return outputs per request."""
 
@@ -207,6 +211,9 @@ class TensorPipeline:
 
     def batch_key(self, request: InferRequest) -> Hashable:
         return tuple(arr.shape[1:] for arr in request.inputs.values())
+
+    def padding_length(self, request: InferRequest) -> None:
+        return None  # tensors are concatenated as they are, never padded
 
     def run(self, requests: Sequence[InferRequest]) -> list[Arrays]:
         feeds = concat_inputs([r.inputs for r in requests])

@@ -94,9 +94,12 @@ class TextEmbeddingPipeline:
         return Tokenized(rows, max((len(r) for r in rows), default=0))
 
     def batch_key(self, prepared: Tokenized) -> Hashable:
-        # Rows whose longest text falls in the same power-of-two band share a run, so a short text
-        # never pays for a long neighbour's padding more than twofold.
-        return prepared.longest.bit_length() if self.group_by_length else 0
+        return 0  # any texts can share a run; padding_length keeps similar lengths together
+
+    def padding_length(self, prepared: Tokenized) -> int | None:
+        # With grouping, the batcher fills a batch with the texts closest in length to the oldest
+        # one, so short texts do not pay for a long neighbour's padding.
+        return prepared.longest if self.group_by_length else None
 
     def run(self, prepared: Sequence[Tokenized]) -> list[Arrays]:
         rows = [row for p in prepared for row in p.rows]

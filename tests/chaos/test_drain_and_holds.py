@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,15 @@ class GatedPipeline:
     def batch_key(self, request: InferRequest) -> Hashable:
         return self._inner.batch_key(request)
 
+    def warm_up(self, max_rows: int) -> None:
+        self._inner.warm_up(max_rows)
+        # Stand in for a model slower than the worker's inline threshold, so its runs go to the
+        # model thread, where the test can hold one without blocking the event loop.
+        time.sleep(0.005)
+
     def run(self, requests: Sequence[InferRequest]) -> Any:
+        if threading.current_thread() is threading.main_thread():
+            raise RuntimeError("the model ran on the event loop thread; holding it would block the loop")
         self.running.set()
         self.gate.wait(30)
         return self._inner.run(requests)

@@ -69,3 +69,19 @@ def test_run_isolating_gives_only_the_poison_item_its_error() -> None:
     assert isinstance(results[13], ValueError)
     assert [r for i, r in enumerate(results) if i != 13] == [i * 2 for i in range(16) if i != 13]
     assert len(calls) <= 1 + 2 * 4  # bisecting costs about 2 runs per level
+
+
+def test_take_batch_with_lengths_fills_with_the_closest_lengths_to_the_oldest() -> None:
+    pending: deque[Batchable[str]] = deque(
+        Batchable(name, rows=1, key=0, length=length)
+        for name, length in [("a", 12), ("b", 60), ("c", 11), ("d", 58), ("e", 14), ("f", 63), ("g", 10)]
+    )
+    assert take_batch(pending, max_rows=4) == ["a", "c", "e", "g"]  # the oldest and the three shortest
+    assert take_batch(pending, max_rows=4) == ["b", "d", "f"]  # the long ones, in arrival order
+
+
+def test_take_batch_with_lengths_still_starts_with_the_oldest() -> None:
+    pending: deque[Batchable[str]] = deque(
+        Batchable(name, rows=1, key=0, length=length) for name, length in [("old", 200), ("x", 5), ("y", 6)]
+    )
+    assert take_batch(pending, max_rows=2)[0] == "old"
