@@ -267,15 +267,23 @@ class Worker:
 
     async def _start(self) -> None:
         s = self.settings
+        loaded_here = self.pipeline is None
         if self.pipeline is None:
             self.pipeline = await asyncio.to_thread(load_pipeline, s)
-        pipeline = self.pipeline
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, pipeline.warm_up, s.max_batch)
+        await loop.run_in_executor(self._executor, self.pipeline.warm_up, s.max_batch)
         # Timed on its second pass (the first pays for allocation and kernel choice), with nothing
         # else running: the model's own cost, decided once.
-        self._warm_up_s = await loop.run_in_executor(self._executor, _timed_warm_up, pipeline, s.max_batch)
+        self._warm_up_s = await loop.run_in_executor(self._executor, _timed_warm_up, self.pipeline, s.max_batch)
         self._run_inline = self._warm_up_s < _INLINE_COMPUTE_S
+        on_cpu = self.pipeline.providers[0] == "CPUExecutionProvider"
+        one_thread = self._run_inline and loaded_here and on_cpu and s.intra_op_threads == 0
+        if one_thread:
+            # A model this cheap gains nothing from ONNX Runtime's thread pool and pays, on every
+            # run, for waking a pool thread that competes with the loop for the cores: one thread.
+            self.pipeline = await asyncio.to_thread(load_pipeline, dataclasses.replace(s, intra_op_threads=1))
+            await loop.run_in_executor(self._executor, self.pipeline.warm_up, s.max_batch)
+        pipeline = self.pipeline
         self.health.warmed = True
         self.metrics.model.info(
             {"name": pipeline.name, "version": pipeline.version, "providers": ",".join(pipeline.providers)}
@@ -309,6 +317,7 @@ class Worker:
             prefetch=s.prefetch,
             warm_up_ms=round(self._warm_up_s * 1000, 3),
             model_runs="inline" if self._run_inline else "model thread",
+            intra_op_threads=1 if one_thread else s.intra_op_threads or "auto",
             http_port=s.http_port or None,
         )
 
