@@ -79,6 +79,12 @@ test: model broker ## Run the whole test suite against a real broker (builds the
 chaos: install broker ## Fault matrix against real worker processes at full size (restarts the local broker once); prints the counters
 	$(BIN)/python -m tests.chaos.harness --broker-restart $(CHAOS_ARGS)
 
+.PHONY: bench
+bench: model broker ## The performance benchmarks (bench/): each prints its ratios, measured in one run
+	$(BIN)/python -m bench.broker_bound
+	$(BIN)/python -m bench.rows_per_message
+	$(BIN)/python -m bench.compute_bound
+
 .PHONY: lint
 lint: install ## ruff and mypy
 	$(BIN)/ruff check .

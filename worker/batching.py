@@ -52,11 +52,22 @@ def take_batch(pending: deque[Batchable[T]], max_rows: int) -> list[T]:
     rows = first.rows
     if rows >= max_rows or not pending:
         return [first.item]
+    if first.length is None:  # arrival order: scan from the front, keep what does not fit in place
+        batch = [first.item]
+        skipped: list[Batchable[T]] = []
+        while pending and rows < max_rows:
+            candidate = pending.popleft()
+            if candidate.key == first.key and rows + candidate.rows <= max_rows:
+                batch.append(candidate.item)
+                rows += candidate.rows
+            else:
+                skipped.append(candidate)
+        pending.extendleft(reversed(skipped))
+        return batch
     items = list(pending)
     candidates = [i for i, b in enumerate(items) if b.key == first.key]
-    if first.length is not None:
-        anchor = first.length
-        candidates.sort(key=lambda i: abs((items[i].length or 0) - anchor))
+    anchor = first.length
+    candidates.sort(key=lambda i: abs((items[i].length or 0) - anchor))
     chosen: list[int] = []
     for i in candidates:
         if rows + items[i].rows <= max_rows:
