@@ -26,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.driver import consumer_process, delete_queues, drive, worker_argv
+from bench.driver import consumer_process, delete_queues, drive
 from producer.names import CONTENT_TYPE_MSGPACK
 from producer.protocol import encode_request
 from tests.models import mlp_model
+from tests.workers import worker_command
 
 KINDS = ("worker", "echo", "unbatched")
 
@@ -48,7 +49,7 @@ async def main(args: argparse.Namespace) -> None:
         model = mlp_model(Path(tmp) / "mlp.onnx", width=256, hidden=256, layers=3)
         baseline = [sys.executable, "-m", "bench.baselines"]
         argvs = {
-            "worker": worker_argv(
+            "worker": worker_command(
                 model,
                 queues["worker"],
                 *("--max-batch", str(args.max_batch), "--prefetch", str(args.window)),

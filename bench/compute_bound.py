@@ -27,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.driver import consumer_process, delete_queues, drive, worker_argv
+from bench.driver import consumer_process, delete_queues, drive
 from bench.text_inprocess import make_texts
 from producer.names import CONTENT_TYPE_MSGPACK
 from producer.protocol import InferRequest, encode_request
+from tests.workers import worker_command
 from worker.settings import Settings
 from worker.text import group_by_length
 from worker.text_pipeline import TextEmbeddingPipeline
@@ -68,8 +69,8 @@ async def main(args: argparse.Namespace) -> None:
     e2e: dict[str, list[float]] = {k: [] for k in queues}
     common = ["--max-batch", str(best), "--prefetch", str(args.window)]
     argvs = {
-        "worker": worker_argv(model, queues["worker"], *common),
-        "ungrouped": worker_argv(model, queues["ungrouped"], *common, "--no-group-by-length"),
+        "worker": worker_command(model, queues["worker"], *common),
+        "ungrouped": worker_command(model, queues["ungrouped"], *common, "--no-group-by-length"),
     }
     try:
         async with contextlib.AsyncExitStack() as stack:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -115,24 +114,6 @@ async def consumer_process(argv: Sequence[str], ready_marker: str) -> AsyncItera
         proc.terminate()
         await asyncio.wait_for(proc.wait(), 60)
         await drain
-
-
-def worker_argv(model: Path, queue: str, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "worker.cli",
-        "run",
-        "--model",
-        str(model),
-        "--queue",
-        queue,
-        "--http-port",
-        "0",
-        "--log-format",
-        "json",
-        *extra,
-    ]
 
 
 async def delete_queues(*names: str) -> None:

@@ -29,10 +29,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from bench.driver import consumer_process, delete_queues, drive, worker_argv
+from bench.driver import consumer_process, delete_queues, drive
 from producer.names import CONTENT_TYPE_MSGPACK
 from producer.protocol import decode_request, encode_reply, encode_request
 from tests.models import mlp_model
+from tests.workers import worker_command
 
 
 def in_process_rows_per_s(session: ort.InferenceSession, bodies: list[bytes], rows: int, batch: int) -> float:
@@ -65,7 +66,7 @@ async def main(args: argparse.Namespace) -> None:
         options = ort.SessionOptions()
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-        argv = worker_argv(model, queue, "--max-batch", str(args.max_batch), "--prefetch", str(args.window))
+        argv = worker_command(model, queue, "--max-batch", str(args.max_batch), "--prefetch", str(args.window))
         echo_argv = [
             *(sys.executable, "-m", "bench.baselines", "echo"),
             *("--queue", echo_queue, "--prefetch", str(args.window)),

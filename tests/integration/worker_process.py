@@ -6,10 +6,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
+
+from tests.workers import worker_command
 
 STARTUP_TIMEOUT_S = 60.0
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -32,21 +33,7 @@ class WorkerProcess:
     """
 
     def __init__(self, amqp_url: str, model: Path, queue: str, *extra: str) -> None:
-        self.command = [
-            sys.executable,
-            "-m",
-            "worker.cli",
-            "run",
-            "--model",
-            str(model),
-            "--queue",
-            queue,
-            "--http-port",
-            "0",
-            "--log-format",
-            "json",
-            *extra,
-        ]
+        self.command = worker_command(model, queue, *extra)
         self.env = child_env(amqp_url)
         self.events: list[dict[str, Any]] = []
         self._changed = threading.Condition()
