@@ -10,7 +10,7 @@ the median over the rounds. Prints msgs/s, p50/p99 latency and the ratios the wo
   saturation msgs/s: worker / echo       (target >= 1.0)
   one in flight p50: worker / unbatched  (target <= 1.2)
 
-Usage: python -m bench.broker_bound [--count 3000] [--window 256] [--single-count 300] [--rounds 3]
+Usage: python -m bench.broker_bound [--count 3000] [--window 256] [--single-count 1000] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -120,8 +120,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=3000, help="requests per saturation run")
     parser.add_argument("--window", type=int, default=256, help="requests in flight at saturation (and prefetch)")
-    parser.add_argument("--single-count", type=int, default=300, help="requests sent one at a time")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds over the three consumers")
+    parser.add_argument("--single-count", type=int, default=1000, help="requests sent one at a time")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds over the three consumers")
     parser.add_argument("--max-batch", type=int, default=64, help="worker --max-batch")
     parser.add_argument("--worker-args", default="", help="more `worker run` flags, e.g. '--intra-op-threads 1'")
     asyncio.run(main(parser.parse_args()))
