@@ -182,7 +182,7 @@ async def test_bad_requests_get_error_replies_and_never_hurt_their_neighbours(
     # Interleave every bad request with good ones, all published before the worker starts,
     # so they land in the same prefetch window and batches.
     channel = await connection.channel()
-    from worker.consumer import declare_request_queue
+    from worker.broker import declare_request_queue
     from worker.settings import Settings
 
     await declare_request_queue(channel, Settings(queue=queue))

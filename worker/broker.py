@@ -1,0 +1,65 @@
+"""Broker connections and the request queue's declaration, shared by the worker's I/O."""
+
+from __future__ import annotations
+
+import aio_pika
+import aiormq.exceptions
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from producer.names import dead_letter_queue, request_queue_arguments
+from worker.errors import BrokerUnavailableError
+from worker.settings import Settings
+
+log = structlog.get_logger("worker")
+
+
+async def connect(url: str, *, timeout_s: float, name: str) -> AbstractRobustConnection:
+    """A robust connection, retried with backoff for up to ``timeout_s`` at start.
+
+    Raises:
+        BrokerUnavailableError: when the broker did not answer in time.
+    """
+    retrying = AsyncRetrying(
+        stop=stop_after_delay(timeout_s),
+        wait=wait_exponential(multiplier=0.25, max=5),
+        retry=retry_if_exception_type((ConnectionError, OSError, aiormq.exceptions.AMQPConnectionError)),
+        reraise=True,
+        before_sleep=lambda state: log.warning(
+            "broker_unreachable",
+            attempt=state.attempt_number,
+            error=str(state.outcome.exception() if state.outcome else None),
+        ),
+    )
+    try:
+        async for attempt in retrying:
+            with attempt:
+                return await aio_pika.connect_robust(url, client_properties={"connection_name": name})
+    except (ConnectionError, OSError, aiormq.exceptions.AMQPConnectionError) as e:
+        raise BrokerUnavailableError(
+            f"no RabbitMQ answered at {_redact(url)} within {timeout_s:g} s ({e}); start the broker "
+            "(`make broker`), fix AMQP_URL, or raise WORKER_CONNECT_TIMEOUT_S"
+        ) from e
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _redact(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.split("@", 1)[1]
+    return scheme + sep + rest
+
+
+async def declare_request_queue(channel: AbstractChannel, settings: Settings) -> AbstractQueue:
+    """Declare the request queue and its dead-letter queue, both durable, from the shared arguments."""
+    await channel.declare_queue(
+        dead_letter_queue(settings.queue), durable=True, arguments={"x-queue-type": settings.queue_type}
+    )
+    return await channel.declare_queue(
+        settings.queue,
+        durable=True,
+        arguments=request_queue_arguments(
+            settings.queue, queue_type=settings.queue_type, delivery_limit=settings.delivery_limit
+        ),
+    )
