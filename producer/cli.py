@@ -5,21 +5,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import time
 import uuid
 
 import aio_pika
 
 from producer.bulk_cli import add_bulk_parser, run_bulk
 from producer.loadtest_cli import add_loadtest_parser, run_loadtest
+from producer.messages import request_message
 from producer.names import (
     CONTENT_TYPE_JSON,
     CONTENT_TYPES,
     DEFAULT_AMQP_URL,
     DEFAULT_QUEUE,
     DIRECT_REPLY_TO,
-    HEADER_DEADLINE_MS,
-    HEADER_PUBLISHED_MS,
 )
 
 
@@ -52,19 +50,10 @@ async def _send(url: str, queue: str, body: bytes, content_type: str, timeout_s:
         replies: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
         reply_queue = await channel.get_queue(DIRECT_REPLY_TO, ensure=False)
         await reply_queue.consume(replies.put, no_ack=True)
-        now_ms = int(time.time() * 1000)
-        await channel.default_exchange.publish(
-            aio_pika.Message(
-                body,
-                content_type=content_type,
-                correlation_id=str(uuid.uuid4()),
-                reply_to=DIRECT_REPLY_TO,
-                expiration=timeout_s,
-                headers={HEADER_DEADLINE_MS: now_ms + int(timeout_s * 1000), HEADER_PUBLISHED_MS: now_ms},
-            ),
-            routing_key=queue,
-            mandatory=True,
+        message = request_message(
+            body, request_id=str(uuid.uuid4()), content_type=content_type, reply_to=DIRECT_REPLY_TO, timeout_s=timeout_s
         )
+        await channel.default_exchange.publish(message, routing_key=queue, mandatory=True)
         reply = await asyncio.wait_for(replies.get(), timeout_s)
         return reply.body
 

@@ -31,7 +31,8 @@ import msgspec
 from producer.errors import InferenceError
 from producer.loadtest.profiles import Profile, send_offsets
 from producer.loadtest.stats import NO_REPLY, OK, PENDING, PUBLISH_FAILED, DepthReading, Sample, timing_entry
-from producer.names import DIRECT_REPLY_TO, HEADER_DEADLINE_MS, HEADER_PUBLISHED_MS
+from producer.messages import request_message
+from producer.names import DIRECT_REPLY_TO
 
 
 class LoadTestError(InferenceError):
@@ -325,17 +326,12 @@ class LoadRunner:
     async def _send(self, sample: Sample) -> None:
         assert self._channel is not None
         t = self.target
-        now_ms = round(time.time() * 1000)  # int: AMQP tables carry Python floats as 32-bit floats
-        headers: dict[str, Any] = {HEADER_PUBLISHED_MS: now_ms}
-        if t.timeout_s > 0:
-            headers[HEADER_DEADLINE_MS] = now_ms + round(t.timeout_s * 1000)
-        message = aio_pika.Message(
+        message = request_message(
             self.bodies[sample.index % len(self.bodies)],
+            request_id=f"{self.run_id}-{sample.index}",
             content_type=self.content_type,
-            correlation_id=f"{self.run_id}-{sample.index}",
             reply_to=DIRECT_REPLY_TO,
-            expiration=t.timeout_s if t.timeout_s > 0 else None,
-            headers=headers,
+            timeout_s=t.timeout_s if t.timeout_s > 0 else None,
         )
         sample.sent_s = self._now()
         try:
