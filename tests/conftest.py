@@ -15,6 +15,8 @@ from urllib.parse import urlparse
 import aio_pika
 import pytest
 
+from producer.names import dead_letter_queue
+
 
 def _answers(url: str) -> bool:
     parsed = urlparse(url)
@@ -71,6 +73,13 @@ def amqp_url() -> Iterator[str]:
 def queue_name(request: pytest.FixtureRequest) -> str:
     """A queue name unique to this test."""
     return f"test.{request.node.name[:40]}.{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def queue(queue_name: str, cleanup_queues: list[str]) -> str:
+    """A request queue name unique to this test; the queue and its dead-letter queue go afterwards."""
+    cleanup_queues.extend([dead_letter_queue(queue_name), queue_name])
+    return queue_name
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import aio_pika
 import numpy as np
 import pytest
 
-from producer.names import CONTENT_TYPE_MSGPACK, dead_letter_queue
+from producer.names import CONTENT_TYPE_MSGPACK
 from producer.protocol import InferReply, InferRequest, encode_request
 from tests.models import affine_model
 from tests.workers import RpcClient, Sent, decoded
@@ -56,12 +56,10 @@ class GatedPipeline:
 async def test_readiness_is_false_from_the_start_of_a_drain_and_the_computing_batch_is_answered(
     amqp_url: str,
     tmp_path: Path,
-    queue_name: str,
-    cleanup_queues: list[str],
+    queue: str,
     connection: aio_pika.abc.AbstractConnection,
 ) -> None:
-    cleanup_queues.extend([dead_letter_queue(queue_name), queue_name])
-    settings = Settings(amqp_url=amqp_url, model=affine_model(tmp_path / "affine.onnx"), queue=queue_name, http_port=0)
+    settings = Settings(amqp_url=amqp_url, model=affine_model(tmp_path / "affine.onnx"), queue=queue, http_port=0)
     pipeline = GatedPipeline(load_pipeline(settings))
     pipeline.gate.set()  # let the warm-up through
     worker = Worker(settings, pipeline, install_signal_handlers=False)  # type: ignore[arg-type]
@@ -72,7 +70,7 @@ async def test_readiness_is_false_from_the_start_of_a_drain_and_the_computing_ba
     pipeline.running.clear()
     rpc = await RpcClient.open(connection)
     body = encode_request({"x": np.ones((1, 4), np.float32)}, CONTENT_TYPE_MSGPACK)
-    reply = await rpc.publish(queue_name, Sent(body, CONTENT_TYPE_MSGPACK))
+    reply = await rpc.publish(queue, Sent(body, CONTENT_TYPE_MSGPACK))
     await asyncio.to_thread(pipeline.running.wait, 30)  # the batch is computing now
     worker.stop_event.set()  # what SIGTERM does
     for _ in range(1000):  # the drain starts within a few turns of the event loop, with no I/O
@@ -85,7 +83,7 @@ async def test_readiness_is_false_from_the_start_of_a_drain_and_the_computing_ba
     answer = decoded(await asyncio.wait_for(reply, 10))
     assert isinstance(answer, InferReply)
     np.testing.assert_array_equal(answer.outputs["y"], np.full((1, 4), 3.0, np.float32))
-    declared = await (await connection.channel()).declare_queue(queue_name, passive=True)
+    declared = await (await connection.channel()).declare_queue(queue, passive=True)
     assert declared.declaration_result.message_count == 0  # acked, not handed back
 
 

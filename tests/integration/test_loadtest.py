@@ -16,7 +16,6 @@ from producer.loadtest.profiles import Profile
 from producer.loadtest.report import MARKDOWN_SECTIONS, ReportContext, write_report
 from producer.loadtest.runner import LoadRunner, LoadTestError, Target
 from producer.loadtest.stats import OK, summarize
-from producer.names import dead_letter_queue
 from tests.models import mlp_model
 from tests.workers import running_worker
 
@@ -28,12 +27,6 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return mlp_model(tmp_path_factory.mktemp("models") / "mlp.onnx", width=16, hidden=8)
-
-
-@pytest.fixture
-def queue(queue_name: str, cleanup_queues: list[str]) -> str:
-    cleanup_queues.extend([dead_letter_queue(queue_name), queue_name])
-    return queue_name
 
 
 async def test_a_short_burst_against_a_worker_yields_a_report_with_every_section(

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from producer.names import CONTENT_TYPE_MSGPACK, dead_letter_queue
+from producer.names import CONTENT_TYPE_MSGPACK
 from producer.protocol import InferReply, encode_request
 from tests.models import mlp_model
 from tests.workers import RpcClient, Sent, decoded
@@ -102,12 +102,6 @@ def value(metrics: dict[str, list[tuple[str, dict[str, str], float]]], sample: s
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return mlp_model(tmp_path_factory.mktemp("models") / "mlp.onnx", width=64, hidden=64)
-
-
-@pytest.fixture
-def queue(queue_name: str, cleanup_queues: list[str]) -> str:
-    cleanup_queues.extend([dead_letter_queue(queue_name), queue_name])
-    return queue_name
 
 
 @pytest.fixture

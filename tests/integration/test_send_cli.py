@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from producer.names import dead_letter_queue
 from tests.models import affine_model
 from tests.workers import running_worker
 
@@ -28,16 +27,13 @@ async def _send(amqp_url: str, *args: str, stdin: bytes | None = None) -> tuple[
     return proc.returncode, out.decode(), err.decode()
 
 
-async def test_send_prints_the_reply_from_flags_and_from_stdin(
-    amqp_url: str, tmp_path: Path, queue_name: str, cleanup_queues: list[str]
-) -> None:
-    cleanup_queues.extend([dead_letter_queue(queue_name), queue_name])
+async def test_send_prints_the_reply_from_flags_and_from_stdin(amqp_url: str, tmp_path: Path, queue: str) -> None:
     body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [0, 1, 2, 3]}]})
-    async with running_worker(amqp_url, affine_model(tmp_path / "affine.onnx"), queue_name):
-        code, out, _ = await _send(amqp_url, "--queue", queue_name, "--json", body)
+    async with running_worker(amqp_url, affine_model(tmp_path / "affine.onnx"), queue):
+        code, out, _ = await _send(amqp_url, "--queue", queue, "--json", body)
         assert code == 0
         assert json.loads(out)["outputs"][0]["data"] == [1.0, 3.0, 5.0, 7.0]
-        code, out, _ = await _send(amqp_url, "--queue", queue_name, stdin=b"{not json")
+        code, out, _ = await _send(amqp_url, "--queue", queue, stdin=b"{not json")
         assert code == 0
         assert json.loads(out)["error"]["code"] == "bad_encoding"
 

@@ -9,7 +9,7 @@ import aio_pika
 import numpy as np
 import pytest
 
-from producer.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, dead_letter_queue
+from producer.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK
 from producer.protocol import ErrorReply, InferReply, encode_request
 from tests.integration.test_minilm_reference import (  # noqa: F401  (fixtures)
     MIN_COSINE,
@@ -21,12 +21,6 @@ from tests.integration.test_minilm_reference import (  # noqa: F401  (fixtures)
 from tests.workers import RpcClient, Sent, decoded, running_worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-@pytest.fixture
-async def queue(queue_name: str, cleanup_queues: list[str]) -> str:
-    cleanup_queues.extend([dead_letter_queue(queue_name), queue_name])
-    return queue_name
 
 
 async def test_worker_embeddings_equal_sentence_transformers_alone_and_batched(

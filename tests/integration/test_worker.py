@@ -35,12 +35,6 @@ async def rpc(connection: aio_pika.abc.AbstractConnection) -> RpcClient:
     return await RpcClient.open(connection)
 
 
-@pytest.fixture
-async def queue(queue_name: str, cleanup_queues: list[str]) -> str:
-    cleanup_queues.extend([dead_letter_queue(queue_name), queue_name])
-    return queue_name
-
-
 def _reference(model: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     return list(session.run(None, feeds))
