@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from producer.loadtest.report import MARKDOWN_SECTIONS, ReportContext, write_rep
 from producer.loadtest.runner import LoadRunner, LoadTestError, Target
 from producer.loadtest.stats import OK, summarize
 from tests.models import mlp_model
-from tests.workers import running_worker
+from tests.workers import running_worker, worker_command
 
 pytestmark = pytest.mark.integration
 
@@ -138,10 +137,8 @@ async def test_a_missing_queue_fails_with_a_clear_error(amqp_url: str, queue: st
 def test_the_cli_runs_against_a_worker_process_and_prints_the_report_folder(
     amqp_url: str, model: Path, queue: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    env = {**os.environ, "AMQP_URL": amqp_url, "WORKER_LOG_LEVEL": "warning", "WORKER_HTTP_PORT": "0"}
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "run", "--model", str(model), "--queue", queue], cwd=ROOT, env=env
-    )
+    env = {**os.environ, "AMQP_URL": amqp_url, "WORKER_LOG_LEVEL": "warning"}
+    worker = subprocess.Popen(worker_command(model, queue), cwd=ROOT, env=env)
     try:
         status = producer_main(
             [
