@@ -14,16 +14,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import numpy.typing as npt
 import onnxruntime as ort
 
 from producer.errors import ProtocolError
 from producer.protocol import DATATYPES, ErrorCode, InferRequest
-from worker.batching import concat_inputs, split_outputs
+from worker.batching import Arrays, concat_inputs, split_outputs
 from worker.errors import ModelLoadError
 from worker.settings import Settings
-
-Arrays = dict[str, npt.NDArray[Any]]
 
 # ONNX Runtime's type strings -> OIP datatypes.
 _ORT_TYPES = {
