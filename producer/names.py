@@ -40,6 +40,9 @@ def results_queue(job_id: str) -> str:
     return f"results.{job_id}"
 
 
+DEFAULT_REPLY_TO_PATTERN = r"results\.[A-Za-z0-9_.:-]{1,200}"
+"""The reply_to queue names a worker answers by default (besides direct reply-to): bulk jobs' results queues."""
+
 RESULTS_QUEUE_ARGUMENTS: dict[str, str] = {"x-queue-type": "quorum"}
 """The ``x-`` arguments of a bulk job's results queue (durable, replicated: replies outlive the producer)."""
 

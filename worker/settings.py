@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from producer.names import DEFAULT_AMQP_URL, DEFAULT_DELIVERY_LIMIT, DEFAULT_QUEUE
+from producer.names import DEFAULT_AMQP_URL, DEFAULT_DELIVERY_LIMIT, DEFAULT_QUEUE, DEFAULT_REPLY_TO_PATTERN
 
 Device = Literal["auto", "cpu", "cuda"]
 LogFormat = Literal["auto", "json", "console"]
@@ -48,6 +49,10 @@ class Settings:
     drain_timeout_s: float = 25.0
     connect_timeout_s: float = 60.0
     reply_hold_s: float = 60.0
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_text_bytes: int = 64 * 1024
+    reply_to_pattern: str = DEFAULT_REPLY_TO_PATTERN
+    stall_s: float = 60.0
     http_port: int = 8080
     exit_when_idle: bool = False
     log_format: LogFormat = "auto"
@@ -58,6 +63,12 @@ class Settings:
             spec.check(getattr(self, spec.field))
         if self.prefetch < 1:
             raise SettingsError("WORKER_PREFETCH (--prefetch) must be at least 1")
+        try:
+            re.compile(self.reply_to_pattern)
+        except re.error as e:
+            raise SettingsError(
+                f"WORKER_REPLY_TO_PATTERN (--reply-to-pattern) is not a regular expression: {e}"
+            ) from None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -229,6 +240,40 @@ SETTINGS: tuple[SettingSpec, ...] = (
         _number(float, "WORKER_REPLY_HOLD_S"),
         minimum=0,
         maximum=3600,
+    ),
+    SettingSpec(
+        "max_message_bytes",
+        "WORKER_MAX_MESSAGE_BYTES",
+        "--max-message-bytes",
+        "largest request body accepted, checked before decoding; larger ones get message_too_large",
+        _number(int, "WORKER_MAX_MESSAGE_BYTES"),
+        minimum=1024,
+        maximum=512 * 1024 * 1024,
+    ),
+    SettingSpec(
+        "max_text_bytes",
+        "WORKER_MAX_TEXT_BYTES",
+        "--max-text-bytes",
+        "text models: largest text (UTF-8 bytes) accepted, checked before tokenizing; longer ones get text_too_long",
+        _number(int, "WORKER_MAX_TEXT_BYTES"),
+        minimum=64,
+        maximum=64 * 1024 * 1024,
+    ),
+    SettingSpec(
+        "reply_to_pattern",
+        "WORKER_REPLY_TO_PATTERN",
+        "--reply-to-pattern",
+        "regular expression a reply_to queue name must match in full (direct reply-to is always accepted); "
+        "requests with any other reply_to are dead-lettered unanswered",
+    ),
+    SettingSpec(
+        "stall_s",
+        "WORKER_STALL_S",
+        "--stall-s",
+        "/readyz turns false when the prefetch window is full and nothing has settled for this long",
+        _number(float, "WORKER_STALL_S"),
+        minimum=1,
+        maximum=86400,
     ),
     SettingSpec(
         "http_port",

@@ -100,6 +100,10 @@ WORKER_GROUP_BY_LENGTH: {{ $w.groupByLength | toString | quote }}
 WORKER_DRAIN_TIMEOUT_S: {{ $w.drainTimeoutS | toString | quote }}
 WORKER_CONNECT_TIMEOUT_S: {{ $w.connectTimeoutS | toString | quote }}
 WORKER_REPLY_HOLD_S: {{ $w.replyHoldS | toString | quote }}
+WORKER_MAX_MESSAGE_BYTES: {{ $w.maxMessageBytes | int | quote }}
+WORKER_MAX_TEXT_BYTES: {{ $w.maxTextBytes | int | quote }}
+WORKER_REPLY_TO_PATTERN: {{ $w.replyToPattern | quote }}
+WORKER_STALL_S: {{ $w.stallS | toString | quote }}
 WORKER_HTTP_PORT: {{ $w.httpPort | int | quote }}
 WORKER_LOG_FORMAT: {{ $w.logFormat | quote }}
 WORKER_LOG_LEVEL: {{ $w.logLevel | quote }}
