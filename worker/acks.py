@@ -24,8 +24,16 @@ class Outcome(enum.Enum):
     Each hand-back counts towards the delivery limit, so this cannot loop forever."""
     REPLY_LOST = "reply_lost"
     """The reply could not be published (connection trouble): hand back so it is answered again."""
+    REPLY_UNROUTABLE = "reply_unroutable"
+    """The broker could not route its reply (``NO_ROUTE``: the results queue does not exist). That does
+    not heal by retrying, so it is kept for inspection at once, never handed back as a suspect."""
+    REPLY_TO_FATAL = "reply_to_fatal"
+    """Publishing its reply alone closed the connection: a forged or stale direct reply-to address."""
     NO_REPLY_TO = "no_reply_to"
     """It has no reply_to, so no one can be answered: keep it for inspection."""
+    BAD_REPLY_TO = "bad_reply_to"
+    """Its reply_to is not one this worker answers (malformed, or a queue outside the allowed
+    pattern): keep it for inspection, unanswered."""
     NOT_STARTED = "not_started"
     """The worker is draining and never started it: hand it to another worker."""
 
@@ -46,7 +54,10 @@ _POLICY: dict[Outcome, AckAction] = {
     Outcome.REPLY_REFUSED: AckAction.HOLD,
     Outcome.REPLY_REFUSED_TOO_LONG: AckAction.REQUEUE,
     Outcome.REPLY_LOST: AckAction.REQUEUE,
+    Outcome.REPLY_UNROUTABLE: AckAction.DEAD_LETTER,
+    Outcome.REPLY_TO_FATAL: AckAction.DEAD_LETTER,
     Outcome.NO_REPLY_TO: AckAction.DEAD_LETTER,
+    Outcome.BAD_REPLY_TO: AckAction.DEAD_LETTER,
     Outcome.NOT_STARTED: AckAction.REQUEUE,
 }
 

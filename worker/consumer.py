@@ -13,13 +13,13 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import re
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import aio_pika
 import aiormq
 import aiormq.exceptions
 import structlog
@@ -28,15 +28,10 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
-    DeliveryMode,
 )
 
 from producer.errors import ProtocolError
-from producer.names import (
-    HEADER_DEADLINE_MS,
-    HEADER_PUBLISHED_MS,
-    is_direct_reply_to,
-)
+from producer.names import HEADER_DEADLINE_MS, HEADER_PUBLISHED_MS
 from producer.protocol import (
     ErrorCode,
     InferRequest,
@@ -51,12 +46,12 @@ from worker.broker import connect, declare_request_queue
 from worker.health import HealthState, start_http_server
 from worker.metrics import WorkerMetrics
 from worker.model import Pipeline, load_pipeline
+from worker.replier import Published, Replier
+from worker.reply_to import ReplyTo, ReplyToKind, classify
 from worker.settings import Settings
 
 log = structlog.get_logger("worker")
 
-_TRANSIENT = int(DeliveryMode.NOT_PERSISTENT)
-_PERSISTENT = int(DeliveryMode.PERSISTENT)
 _IDLE_CHECK_S = 0.1  # how often an idle --exit-when-idle worker asks the broker whether the queue is empty
 _CONSUMER_CHECK_S = 0.25  # how often readiness checks that the broker still has our consumer
 _BATCHES_AHEAD = 2  # batches handed to the model thread at once: one running, one queued behind it
@@ -68,6 +63,19 @@ _CLOSE_TIMEOUT_S = 5.0  # longest a consumer cancel or connection close may take
 # the loop: blocking it that briefly costs less than the hand-off. Anything slower runs in the model thread while the
 # loop receives.
 _INLINE_COMPUTE_S = 0.001
+# Bodies up to this size are decoded and prepared (tokenized) on the event loop: at most a few
+# milliseconds. Larger ones go to the intake thread, so a long text never stalls acks, heartbeats
+# or /livez.
+_INLINE_PREPARE_BYTES = 64 * 1024
+# RabbitMQ's default max_message_size: a larger reply would make the broker close the channel.
+_MAX_REPLY_BYTES = 128 * 1024 * 1024
+_ECHO_CHARS = 200  # longest piece of a request echoed into a log line
+
+
+def _clip(value: object) -> str:
+    """``str(value)``, cut to :data:`_ECHO_CHARS` characters: logs never echo a hostile field in full."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= _ECHO_CHARS else f"{text[:_ECHO_CHARS]}... ({len(text)} characters)"
 
 
 def _timed_warm_up(pipeline: Pipeline, max_rows: int) -> float:
@@ -97,6 +105,7 @@ class Job:
     message: AbstractIncomingMessage
     ledger: AckLedger
     request_id: str
+    reply_to: ReplyTo | None = None  # classified at intake; None until then
     request: InferRequest | None = None
     prepared: Any = None  # what the pipeline runs for this request (see Pipeline.prepare)
     received_s: float = 0.0  # monotonic
@@ -162,7 +171,6 @@ class Worker:
         self._warm_up_s = 0.0
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
         self._consume_conn: AbstractRobustConnection | None = None
-        self._publish_conn: AbstractRobustConnection | None = None
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._channel: AbstractChannel | None = None
@@ -175,7 +183,10 @@ class Worker:
         self._window_lock = asyncio.Lock()
         self._settle_lock = asyncio.Lock()
         self._suspects_open = 0
-        self._publish_channel: aio_pika.abc.AbstractChannel | None = None
+        self._replier = Replier(settings.amqp_url, connect_timeout_s=settings.connect_timeout_s)
+        self._reply_to_pattern = re.compile(settings.reply_to_pattern)
+        self._intake_executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="intake")
+        self._last_settled_s = time.monotonic()
         self.batches_run = 0
         self.rows_run = 0
 
@@ -208,6 +219,7 @@ class Worker:
             if http is not None:
                 await http.cleanup()
             self._executor.shutdown(wait=False, cancel_futures=True)
+            self._intake_executor.shutdown(wait=False, cancel_futures=True)
             if self.install_signal_handlers:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
@@ -236,11 +248,9 @@ class Worker:
             {"name": pipeline.name, "version": pipeline.version, "providers": ",".join(pipeline.providers)}
         )
         self._consume_conn = await connect(s.amqp_url, timeout_s=s.connect_timeout_s, name="qinfer-worker-consume")
-        self._publish_conn = await connect(s.amqp_url, timeout_s=s.connect_timeout_s, name="qinfer-worker-publish")
+        await self._replier.open()
         self._consume_conn.close_callbacks.add(self._on_connection_lost)
         self._consume_conn.reconnect_callbacks.add(self._on_reconnected)
-        publish_channel = await self._publish_conn.channel(publisher_confirms=True, on_return_raises=True)
-        self._publish_channel = publish_channel
         channel = await self._consume_conn.channel(publisher_confirms=False)
         self._channel = channel
         await channel.set_qos(prefetch_count=self._window)
@@ -314,12 +324,12 @@ class Worker:
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
-        for conn in (self._consume_conn, self._publish_conn):
-            if conn is not None and not conn.is_closed:
-                try:
-                    await asyncio.wait_for(conn.close(), _CLOSE_TIMEOUT_S)
-                except Exception as e:  # a broker that is down cannot answer the close handshake
-                    log.debug("close_failed", error=repr(e))
+        if self._consume_conn is not None and not self._consume_conn.is_closed:
+            try:
+                await asyncio.wait_for(self._consume_conn.close(), _CLOSE_TIMEOUT_S)
+            except Exception as e:  # a broker that is down cannot answer the close handshake
+                log.debug("close_failed", error=repr(e))
+        await self._replier.close()
         self.health.consuming = False
 
     async def _watch_consumer(self) -> None:
@@ -333,6 +343,7 @@ class Worker:
             await asyncio.sleep(_CONSUMER_CHECK_S)
             if not self.health.draining and (self._consumer_tag is None or self._consumer_window != self._window):
                 await self._set_window(self._window)  # a window change was cut short by a lost connection
+            self._check_stalled()
             consuming = await self._consumer_registered()
             if self.health.draining or consuming == self.health.consuming:
                 continue
@@ -341,6 +352,26 @@ class Worker:
                 log.info("consumer_restored", queue=self.settings.queue)
             else:
                 log.warning("consumer_lost", queue=self.settings.queue, why="connection, channel or consumer gone")
+
+    def _check_stalled(self) -> None:
+        """Readiness false while the prefetch window is full and nothing has settled for ``stall_s``.
+
+        A worker in that state receives nothing more: whatever holds its window (a stuck model
+        run, replies the broker keeps refusing) must be looked at, and a rollout must not count it.
+        """
+        window_full = self._consumer_window > 0 and len(self._ledger) >= self._consumer_window
+        stalled = window_full and time.monotonic() - self._last_settled_s > self.settings.stall_s
+        if stalled != self.health.stalled:
+            self.health.stalled = stalled
+            if stalled:
+                log.warning(
+                    "worker_stalled",
+                    unacked=len(self._ledger),
+                    idle_s=round(time.monotonic() - self._last_settled_s, 1),
+                    why="the prefetch window is full and nothing settled; readiness is false until something does",
+                )
+            else:
+                log.info("worker_unstalled", unacked=len(self._ledger))
 
     async def _consumer_registered(self) -> bool:
         conn, channel = self._consume_conn, self._channel
@@ -396,6 +427,19 @@ class Worker:
     # Receive
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        """Take in one delivery. Whatever it holds, it ends settled: replied to, or dead-lettered."""
+        job = self._admit(message)
+        with self._answering_failures(job):
+            if not self._screen(job):
+                return
+            if len(message.body) <= _INLINE_PREPARE_BYTES:
+                request, prepared = self._decode(job)
+                self._enqueue(job, request, prepared)
+            else:
+                self._spawn(self._take_in_off_loop(job))
+
+    def _admit(self, message: AbstractIncomingMessage) -> Job:
+        """Record a delivery in the ack ledger and make its Job."""
         if message.channel is not self._ledger_channel:
             # A new channel (first delivery, or after a reconnect): tags start again from 1.
             self._ledger_channel = message.channel
@@ -403,53 +447,110 @@ class Worker:
         assert message.delivery_tag is not None
         self._ledger.add(message.delivery_tag)
         self.metrics.inflight.inc()
-        job = Job(
+        return Job(
             message=message,
             ledger=self._ledger,
             request_id=message.correlation_id or message.message_id or "",
             received_s=time.monotonic(),
         )
+
+    @contextlib.contextmanager
+    def _answering_failures(self, job: Job) -> Iterator[None]:
+        """Turn anything raised while taking in ``job`` into its error reply (or dead-letter)."""
+        try:
+            yield
+        except ProtocolError as e:
+            log.warning("bad_request", request_id=_clip(job.request_id), code=e.code, error=_clip(e.message))
+            self._spawn(self._reply([self._error(job, e.code, e.message)]))
+        except Exception as e:  # a bug or an input nobody foresaw: answer it, never leave it unsettled
+            log.error("intake_failed", request_id=_clip(job.request_id), error=_clip(e), exc_info=e)
+            if job.reply_to is None:
+                job.reply_to = classify(job.message.reply_to, self._reply_to_pattern)
+            if job.reply_to.answerable:
+                message = f"the worker could not take in this request ({type(e).__name__}); it was not computed"
+                self._spawn(self._reply([self._error(job, ErrorCode.INTERNAL, message)]))
+            else:
+                self._spawn(self._settle([(job, Outcome.BAD_REPLY_TO)]))
+
+    def _screen(self, job: Job) -> bool:
+        """The checks that cost nothing: suspects, reply_to, draining, deadline, size.
+
+        Returns False when the job was answered or settled here (no decoding needed).
+        """
+        message = job.message
         if message.redelivered:
             self.metrics.redelivered.inc()
-            log.info("redelivered", request_id=job.request_id, delivery_count=message.headers.get("x-delivery-count"))
+            log.info(
+                "redelivered",
+                request_id=_clip(job.request_id),
+                delivery_count=_clip(message.headers.get("x-delivery-count")),
+            )
             job.suspect = True
             self._isolate_suspects()
         else:
             self._open_window()
-        if not message.reply_to:
+        job.reply_to = classify(message.reply_to, self._reply_to_pattern)
+        if not job.reply_to.answerable:
             log.warning(
-                "no_reply_to",
-                request_id=job.request_id,
+                "no_reply_to" if job.reply_to.kind is ReplyToKind.MISSING else "reply_to_refused",
+                request_id=_clip(job.request_id),
+                reply_to=_clip(message.reply_to or ""),
                 action="dead-lettered",
-                why="the request has no reply_to, so its result could not be delivered",
+                why=job.reply_to.reason,
             )
-            self._spawn(self._settle([(job, Outcome.NO_REPLY_TO)]))
-            return
+            outcome = Outcome.NO_REPLY_TO if job.reply_to.kind is ReplyToKind.MISSING else Outcome.BAD_REPLY_TO
+            self._spawn(self._settle([(job, outcome)]))
+            return False
         if self.health.draining:
             self._spawn(self._settle([(job, Outcome.NOT_STARTED)]))
-            return
+            return False
         now_ms = time.time() * 1000.0
         published_ms = _header_ms(message, HEADER_PUBLISHED_MS)
         if published_ms is not None:
             job.broker_ms = max(0.0, now_ms - published_ms)
             self.metrics.broker_seconds.observe(job.broker_ms / 1000.0)
         job.deadline_ms = _header_ms(message, HEADER_DEADLINE_MS)
-        assert self.pipeline is not None
-        try:
-            request = decode_request(message.body, message.content_type, default_id=job.request_id)
-            job.request_id = request.id
-            prepared = self.pipeline.prepare(request, max_rows=self.settings.max_batch)
-        except ProtocolError as e:
-            log.warning("bad_request", request_id=job.request_id, code=e.code, error=e.message)
-            self._spawn(self._reply([self._error(job, e.code, e.message)]))
-            return
         if job.deadline_ms is not None and now_ms > job.deadline_ms:
+            self._spawn(self._reply([self._deadline_error(job, now_ms)]))
+            return False
+        size = len(message.body)
+        if size > self.settings.max_message_bytes:
+            raise ProtocolError(
+                ErrorCode.MESSAGE_TOO_LARGE,
+                f"the request body is {size} bytes; this worker accepts at most {self.settings.max_message_bytes} "
+                "(split the request into smaller ones, or raise WORKER_MAX_MESSAGE_BYTES)",
+            )
+        return True
+
+    def _decode(self, job: Job) -> tuple[InferRequest, Any]:
+        """Decode and prepare (validate, tokenize) a request. Pure: safe to run in the intake thread."""
+        assert self.pipeline is not None
+        message = job.message
+        request = decode_request(message.body, message.content_type, default_id=job.request_id)
+        job.request_id = request.id
+        return request, self.pipeline.prepare(request, max_rows=self.settings.max_batch)
+
+    async def _take_in_off_loop(self, job: Job) -> None:
+        """Decode and prepare a large request in the intake thread, then queue it for a batch."""
+        with self._answering_failures(job):
+            loop = asyncio.get_running_loop()
+            request, prepared = await loop.run_in_executor(self._intake_executor, self._decode, job)
+            if self.health.draining:  # the drain began meanwhile and has handed back the pending work
+                await self._settle([(job, Outcome.NOT_STARTED)])
+                return
+            self._enqueue(job, request, prepared)
+
+    def _enqueue(self, job: Job, request: InferRequest, prepared: Any) -> None:
+        """Queue a prepared request for the batch loop."""
+        assert self.pipeline is not None
+        deadline_ms = job.deadline_ms
+        if deadline_ms is not None and (now_ms := time.time() * 1000.0) > deadline_ms:
             self._spawn(self._reply([self._deadline_error(job, now_ms)]))
             return
         job.request = request
         job.prepared = prepared
         # A suspect never shares a model run: if it kills the process, only it was computing.
-        key = ("suspect", message.delivery_tag) if job.suspect else self.pipeline.batch_key(prepared)
+        key = ("suspect", job.message.delivery_tag) if job.suspect else self.pipeline.batch_key(prepared)
         length = self.pipeline.padding_length(prepared)
         self._pending.append(Batchable(job, rows=request.rows, key=key, length=length))
         self._wakeup.set()
@@ -527,9 +628,11 @@ class Worker:
             wait_s = started - job.received_s
             self.metrics.batch_wait_seconds.observe(wait_s)
             if isinstance(outputs, Exception):
-                log.warning("inference_failed", request_id=job.request_id, error=repr(outputs))
+                log.warning("inference_failed", request_id=_clip(job.request_id), error=_clip(outputs))
                 replies.append(
-                    self._error(job, ErrorCode.INFERENCE_FAILED, f"the model failed on this request: {outputs}")
+                    self._error(
+                        job, ErrorCode.INFERENCE_FAILED, f"the model failed on this request: {_clip(str(outputs))}"
+                    )
                 )
             else:
                 replies.append(self._result(job, outputs, {**timing, "batch_wait_ms": round(wait_s * 1e3, 3)}))
@@ -571,6 +674,13 @@ class Worker:
             model_version=self.pipeline.version,
             parameters={"timing": timing},
         )
+        if len(body) > _MAX_REPLY_BYTES:
+            return self._error(
+                job,
+                ErrorCode.INTERNAL,
+                f"the reply would be {len(body)} bytes, more than the broker accepts ({_MAX_REPLY_BYTES}); "
+                "send fewer rows per request, or ask for fewer outputs",
+            )
         return Reply(job, body, content_type, "ok")
 
     def _error(self, job: Job, code: str, message: str) -> Reply:
@@ -579,7 +689,7 @@ class Worker:
 
     def _deadline_error(self, job: Job, now_ms: float) -> Reply:
         late_ms = now_ms - (job.deadline_ms or now_ms)
-        log.info("deadline_exceeded", request_id=job.request_id, late_ms=round(late_ms, 1))
+        log.info("deadline_exceeded", request_id=_clip(job.request_id), late_ms=round(late_ms, 1))
         return self._error(
             job,
             ErrorCode.DEADLINE_EXCEEDED,
@@ -587,70 +697,60 @@ class Worker:
             "(give it a longer timeout, or add workers)",
         )
 
-    async def _publish(self, reply: Reply) -> None:
-        """Publish one reply and wait for the broker's confirm.
-
-        Goes straight to the aiormq channel under the robust channel: building aio-pika's Message
-        per reply was a measurable share of the worker's CPU. aiormq raises DeliveryError on a nack
-        and PublishError (a DeliveryError) on a return.
-        """
-        assert self._publish_channel is not None
-        message = reply.job.message
-        reply_to = message.reply_to or ""
-        direct = is_direct_reply_to(reply_to)
-        channel = await self._publish_channel.get_underlay_channel()
-        await channel.basic_publish(
-            reply.body,
-            exchange="",
-            routing_key=reply_to,
-            properties=aiormq.spec.Basic.Properties(
-                content_type=reply.content_type,
-                correlation_id=message.correlation_id,
-                delivery_mode=_TRANSIENT if direct else _PERSISTENT,
-            ),
-            # A direct reply-to address is not a queue: RabbitMQ returns mandatory publishes to it even
-            # when it delivered them. Only real (results) queues are published mandatory.
-            mandatory=not direct,
+    async def _publish(self, reply: Reply) -> Published:
+        job = reply.job
+        assert job.reply_to is not None
+        return await self._replier.publish(
+            reply.body, content_type=reply.content_type, correlation_id=job.message.correlation_id, to=job.reply_to
         )
 
     async def _reply(self, replies: Sequence[Reply], finished_s: float | None = None) -> None:
-        outcomes: list[BaseException | None]
+        results: list[Published | BaseException]
         if len(replies) == 1:  # the common case at low load: no gather, no extra task
-            try:
-                await self._publish(replies[0])
-                outcomes = [None]
-            except Exception as e:
-                outcomes = [e]
+            results = [await self._publish(replies[0])]
         else:
-            outcomes = await asyncio.gather(*(self._publish(r) for r in replies), return_exceptions=True)
+            results = await asyncio.gather(*(self._publish(r) for r in replies), return_exceptions=True)
         if finished_s is not None:
             self.metrics.reply_seconds.observe(time.monotonic() - finished_s)
         settled: list[tuple[Job, Outcome]] = []
-        for reply, error in zip(replies, outcomes, strict=True):
-            if error is None:
-                settled.append((reply.job, Outcome.REPLIED))
+        for reply, published in zip(replies, results, strict=True):
+            job = reply.job
+            if published is Published.CONFIRMED:
+                settled.append((job, Outcome.REPLIED))
                 self.metrics.requests.labels(reply.outcome_label).inc()
-            elif isinstance(error, aiormq.exceptions.DeliveryError):
-                job = reply.job
+            elif published is Published.REFUSED:
                 now_s = time.monotonic()
                 if job.refused_since_s is None:
                     job.refused_since_s = now_s
                 too_long = self.health.draining or now_s - job.refused_since_s >= self.settings.reply_hold_s
                 log.warning(
                     "reply_refused",
-                    request_id=job.request_id,
+                    request_id=_clip(job.request_id),
                     reply_to=job.message.reply_to,
                     attempt=job.reply_attempts,
                     action="hand back" if too_long else "hold and retry",
-                    error=repr(error),
                 )
                 job.reply = reply
                 settled.append((job, Outcome.REPLY_REFUSED_TOO_LONG if too_long else Outcome.REPLY_REFUSED))
-            elif isinstance(error, Exception):
-                log.warning("reply_lost", request_id=reply.job.request_id, error=repr(error))
-                settled.append((reply.job, Outcome.REPLY_LOST))
+            elif published is Published.UNROUTABLE or published is Published.FATAL_ADDRESS:
+                unroutable = published is Published.UNROUTABLE
+                log.warning(
+                    "reply_unroutable" if unroutable else "reply_to_fatal",
+                    request_id=_clip(job.request_id),
+                    reply_to=job.message.reply_to,
+                    action="dead-lettered",
+                    why="the broker could not route the reply: its queue does not exist (NO_ROUTE)"
+                    if unroutable
+                    else "publishing to this direct reply-to address closed the broker connection: forged or stale",
+                )
+                settled.append((job, Outcome.REPLY_UNROUTABLE if unroutable else Outcome.REPLY_TO_FATAL))
+            elif published is Published.LOST:
+                settled.append((job, Outcome.REPLY_LOST))
+            elif isinstance(published, Exception):
+                log.warning("reply_lost", request_id=_clip(job.request_id), error=repr(published))
+                settled.append((job, Outcome.REPLY_LOST))
             else:
-                raise error
+                raise published
         await self._settle(settled)
 
     async def _settle(self, settled: Sequence[tuple[Job, Outcome]]) -> None:
@@ -662,6 +762,7 @@ class Worker:
         of a tag it covers (acking a request meant to go back).
         """
         async with self._settle_lock:
+            self._last_settled_s = time.monotonic()
             frames: list[tuple[Any, AckAction, int, bool]] = []  # channel, action, tag, multiple
             to_ack: dict[int, tuple[AckLedger, Any, list[int]]] = {}
             for job, outcome in settled:

@@ -15,11 +15,13 @@ class HealthState:
     warmed: bool = False
     consuming: bool = False
     draining: bool = False
+    stalled: bool = False
+    """The prefetch window is full and nothing has settled for ``WORKER_STALL_S``."""
 
     @property
     def ready(self) -> bool:
-        """Model warmed, consuming, and not draining."""
-        return self.warmed and self.consuming and not self.draining
+        """Model warmed, consuming, not draining and not stalled."""
+        return self.warmed and self.consuming and not self.draining and not self.stalled
 
     def as_dict(self) -> dict[str, bool]:
         return {**dataclasses.asdict(self), "ready": self.ready}

@@ -52,6 +52,7 @@ from producer.names import (
     HEADER_PUBLISHED_MS,
     dead_letter_queue,
     request_queue_arguments,
+    results_queue,
 )
 from producer.protocol import ErrorReply, decode_reply, encode_request
 
@@ -253,7 +254,7 @@ class Client:
     def __init__(self, url: str, queue: str, *, delivery_limit: int, results_arguments: dict[str, Any]) -> None:
         self.url = url
         self.queue = queue
-        self.results = f"{queue}.results"
+        self.results = results_queue(queue)
         self.delivery_limit = delivery_limit
         self.results_arguments = results_arguments
         self.ledger = Ledger()

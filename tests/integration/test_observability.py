@@ -168,7 +168,7 @@ async def test_readiness_follows_warm_up_consuming_and_drain(
         await worker.consuming_event.wait()
         assert await get(http, f"{base}/readyz") == (
             200,
-            {"warmed": True, "consuming": True, "draining": False, "ready": True},
+            {"warmed": True, "consuming": True, "draining": False, "stalled": False, "ready": True},
         )
 
         # Hold a model run, then drain: the worker stays alive but is no longer ready.

@@ -11,7 +11,10 @@ def test_every_outcome_has_an_explicit_action() -> None:
         Outcome.REPLY_REFUSED: AckAction.HOLD,
         Outcome.REPLY_REFUSED_TOO_LONG: AckAction.REQUEUE,
         Outcome.REPLY_LOST: AckAction.REQUEUE,
+        Outcome.REPLY_UNROUTABLE: AckAction.DEAD_LETTER,
+        Outcome.REPLY_TO_FATAL: AckAction.DEAD_LETTER,
         Outcome.NO_REPLY_TO: AckAction.DEAD_LETTER,
+        Outcome.BAD_REPLY_TO: AckAction.DEAD_LETTER,
         Outcome.NOT_STARTED: AckAction.REQUEUE,
     }
 
