@@ -70,6 +70,7 @@ _INLINE_PREPARE_BYTES = 64 * 1024
 # RabbitMQ's default max_message_size: a larger reply would make the broker close the channel.
 _MAX_REPLY_BYTES = 128 * 1024 * 1024
 _ECHO_CHARS = 200  # longest piece of a request echoed into a log line
+_MAX_ERROR_CHARS = 2000  # longest error message in a reply
 
 
 def _clip(value: object) -> str:
@@ -684,6 +685,9 @@ class Worker:
         return Reply(job, body, content_type, "ok")
 
     def _error(self, job: Job, code: str, message: str) -> Reply:
+        # Messages clip what they echo; this bounds the whole, whatever the raiser forgot.
+        if len(message) > _MAX_ERROR_CHARS:
+            message = f"{message[:_MAX_ERROR_CHARS]}... (message cut at {_MAX_ERROR_CHARS} characters)"
         content_type = reply_content_type(job.message.content_type)
         return Reply(job, encode_error(job.request_id, code, message, content_type), content_type, str(code))
 
