@@ -45,6 +45,7 @@ from producer.errors import (
 from producer.messages import request_message
 from producer.names import CONTENT_TYPE_MSGPACK, DEFAULT_AMQP_URL, DEFAULT_QUEUE, DIRECT_REPLY_TO
 from producer.protocol import ErrorReply, InferReply, decode_reply, encode_request
+from producer.urls import connect_failure
 
 __all__ = ["Client", "SyncClient"]
 
@@ -119,7 +120,7 @@ class Client:
             try:
                 connection = await aio_pika.connect(self.amqp_url, timeout=self.connect_timeout_s)
             except (*aio_pika.exceptions.CONNECTION_EXCEPTIONS, TimeoutError) as e:
-                raise ConnectionLostError(f"cannot connect to the broker: {e}") from e
+                raise ConnectionLostError(connect_failure(self.amqp_url, e)) from e
             try:
                 channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
                 reply_queue = await channel.get_queue(DIRECT_REPLY_TO, ensure=False)

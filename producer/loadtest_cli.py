@@ -14,9 +14,10 @@ from pathlib import Path
 
 from producer.loadtest.payloads import PayloadSpec, build_bodies
 from producer.loadtest.profiles import MODES, LoadTestConfigError, Profile
-from producer.loadtest.runner import LoadRunner, LoadTestError, Target, redact_url
+from producer.loadtest.runner import LoadRunner, LoadTestError, Target
 from producer.loadtest.stats import summarize
 from producer.names import CONTENT_TYPE_MSGPACK, CONTENT_TYPES, DEFAULT_AMQP_URL, DEFAULT_QUEUE
+from producer.urls import redact_url
 
 _DEFAULTS = Profile()
 

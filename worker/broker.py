@@ -6,25 +6,37 @@ import aio_pika
 import aiormq.exceptions
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    retry_if_not_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from producer.names import dead_letter_queue, request_queue_arguments
-from worker.errors import BrokerUnavailableError
+from producer.urls import connect_failure
+from worker.errors import BrokerAuthenticationError, BrokerUnavailableError
 from worker.settings import Settings
 
 log = structlog.get_logger("worker")
+
+# Credentials the broker rejected: retrying cannot fix them.
+_REJECTED = (aiormq.exceptions.ProbableAuthenticationError, aiormq.exceptions.AuthenticationError)
 
 
 async def connect(url: str, *, timeout_s: float, name: str) -> AbstractRobustConnection:
     """A robust connection, retried with backoff for up to ``timeout_s`` at start.
 
     Raises:
+        BrokerAuthenticationError: at once, when the broker rejects the credentials.
         BrokerUnavailableError: when the broker did not answer in time.
     """
     retrying = AsyncRetrying(
         stop=stop_after_delay(timeout_s),
         wait=wait_exponential(multiplier=0.25, max=5),
-        retry=retry_if_exception_type((ConnectionError, OSError, aiormq.exceptions.AMQPConnectionError)),
+        retry=retry_if_exception_type((ConnectionError, OSError, aiormq.exceptions.AMQPConnectionError))
+        & retry_if_not_exception_type(_REJECTED),
         reraise=True,
         before_sleep=lambda state: log.warning(
             "broker_unreachable",
@@ -36,19 +48,13 @@ async def connect(url: str, *, timeout_s: float, name: str) -> AbstractRobustCon
         async for attempt in retrying:
             with attempt:
                 return await aio_pika.connect_robust(url, client_properties={"connection_name": name})
+    except _REJECTED as e:
+        raise BrokerAuthenticationError(connect_failure(url, e)) from e
     except (ConnectionError, OSError, aiormq.exceptions.AMQPConnectionError) as e:
         raise BrokerUnavailableError(
-            f"no RabbitMQ answered at {_redact(url)} within {timeout_s:g} s ({e}); start the broker "
-            "(`make broker`), fix AMQP_URL, or raise WORKER_CONNECT_TIMEOUT_S"
+            f"{connect_failure(url, e)}; tried for {timeout_s:g} s (WORKER_CONNECT_TIMEOUT_S)"
         ) from e
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _redact(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        rest = "***@" + rest.split("@", 1)[1]
-    return scheme + sep + rest
 
 
 async def declare_request_queue(channel: AbstractChannel, settings: Settings) -> AbstractQueue:

@@ -15,3 +15,7 @@ class ModelLoadError(WorkerError):
 
 class BrokerUnavailableError(WorkerError):
     """Raised when the broker did not answer within the start-up retry window."""
+
+
+class BrokerAuthenticationError(WorkerError):
+    """Raised when the broker rejects the worker's credentials (never retried)."""

@@ -33,6 +33,7 @@ from producer.loadtest.profiles import Profile, send_offsets
 from producer.loadtest.stats import NO_REPLY, OK, PENDING, PUBLISH_FAILED, DepthReading, Sample, timing_entry
 from producer.messages import request_message
 from producer.names import DIRECT_REPLY_TO
+from producer.urls import connect_failure
 
 
 class LoadTestError(InferenceError):
@@ -179,9 +180,7 @@ class LoadRunner:
         try:
             connection = await aio_pika.connect(t.amqp_url, client_properties={"connection_name": "qinfer-loadtest"})
         except (ConnectionError, OSError, aiormq.exceptions.AMQPConnectionError) as e:
-            raise LoadTestError(
-                f"no RabbitMQ answered at {redact_url(t.amqp_url)} ({e}); start it (`make broker`)"
-            ) from e
+            raise LoadTestError(connect_failure(t.amqp_url, e)) from e
         loop = asyncio.get_running_loop()
         if handle_sigint:
             loop.add_signal_handler(signal.SIGINT, self.stop)
@@ -474,10 +473,3 @@ class LoadRunner:
                 recent_latencies_ms=tuple(self._recent),
             )
         )
-
-
-def redact_url(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        rest = "***@" + rest.split("@", 1)[1]
-    return scheme + sep + rest
