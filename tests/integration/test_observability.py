@@ -111,9 +111,11 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @contextlib.asynccontextmanager
-async def served(amqp_url: str, model: Path, queue: str, pipeline: Any = None) -> AsyncIterator[tuple[Worker, str]]:
+async def served(
+    amqp_url: str, model: Path, queue: str, pipeline: Any = None, **overrides: Any
+) -> AsyncIterator[tuple[Worker, str]]:
     """A worker with its HTTP server on a free port; yields it and its base URL once it runs."""
-    settings = Settings(amqp_url=amqp_url, model=model, queue=queue, http_port=_free_port())
+    settings = Settings(amqp_url=amqp_url, model=model, queue=queue, http_port=_free_port(), **overrides)
     worker = Worker(settings, pipeline or load_pipeline(settings), install_signal_handlers=False)
     task = asyncio.create_task(worker.run())
     try:
@@ -187,6 +189,33 @@ async def test_readiness_follows_warm_up_consuming_and_drain(
         assert (await get(http, f"{base}/livez"))[0] == 200
         pipeline.run_gate.set()
         assert isinstance(decoded(await asyncio.wait_for(reply, WAIT_S)), InferReply)
+
+
+async def test_readiness_is_false_while_a_full_window_settles_nothing_and_returns_after(
+    amqp_url: str,
+    model: Path,
+    queue: str,
+    http: aiohttp.ClientSession,
+    connection: aio_pika.abc.AbstractConnection,
+) -> None:
+    pipeline = GatedPipeline(load_pipeline(Settings(model=model)))
+    pipeline.warm_up_gate.set()
+    async with served(amqp_url, model, queue, pipeline, prefetch=2, stall_s=1) as (worker, base):
+        await worker.consuming_event.wait()
+        rpc = await RpcClient.open(connection)
+        pipeline.run_gate.clear()  # the model hangs: the two deliveries of the window stay unsettled
+        replies = [await rpc.publish(queue, _request(1, seed)) for seed in range(3)]
+
+        async def readiness(stalled: bool) -> bool:
+            status, body = await get(http, f"{base}/readyz")
+            return (status, body["stalled"]) == ((503, True) if stalled else (200, False))
+
+        await until(lambda: readiness(True), "readiness to turn false on a stalled window")
+        assert (await get(http, f"{base}/livez"))[0] == 200
+        pipeline.run_gate.set()
+        answered = [decoded(await asyncio.wait_for(r, WAIT_S)) for r in replies]
+        await until(lambda: readiness(False), "readiness to return once requests settle")
+    assert all(isinstance(r, InferReply) for r in answered)
 
 
 async def test_metrics_endpoint_serves_exactly_the_documented_names(
