@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-import worker.consumer
+import worker.runner
 from producer.protocol import InferRequest
 from worker.cli import main
 from worker.model import Pipeline, load_pipeline
@@ -51,5 +51,5 @@ def _load(settings: Settings) -> Pipeline:
 
 
 if __name__ == "__main__":
-    worker.consumer.load_pipeline = _load  # type: ignore[assignment]
+    worker.runner.load_pipeline = _load  # type: ignore[assignment]
     sys.exit(main(sys.argv[1:]))
