@@ -27,6 +27,8 @@ import structlog
 
 from bench.driver import AMQP_URL, ROOT, consumer_process, delete_queues
 from producer.bulk import BulkJob, BulkOptions
+from producer.bulk_auth import state_path
+from producer.names import results_queue
 from tests.models import affine_model
 from tests.workers import worker_command
 
@@ -62,7 +64,12 @@ async def run_job(input_path: Path, queue: str, rows_per_message: int, max_in_fl
         rows_per_message=rows_per_message,
         max_in_flight=max_in_flight,
     )
-    summary = await BulkJob(options).run()
+    try:
+        summary = await BulkJob(options).run()
+    finally:
+        # A finished job keeps its results queue (for late replies) and its state file: not wanted here.
+        await delete_queues(results_queue(options.resolved_job_id))
+        state_path(output).unlink(missing_ok=True)
     if summary.failed_total:
         raise RuntimeError(f"{summary.failed_total} rows failed: {dict(summary.errors_by_code)}")
     output.unlink()

@@ -3,13 +3,23 @@
 How a job survives restarts:
 
 * Replies go to a durable quorum queue per job (:func:`producer.names.results_queue`), declared
-  before the first request, so replies that arrive while the producer is down wait there.
-* The output file is the job's only other state: a rerun with the same job id skips every row
-  already in it, first collects the replies waiting in the results queue, then sends the rest.
+  before the first request, so replies that arrive while the producer is down wait there. The
+  queue is never deleted by the job: the broker drops it once it has been unused for
+  ``results_ttl_s`` (``x-expires``), so a late reply always finds it.
+* The output file and a small state file beside it (the job's secret,
+  :mod:`producer.bulk_auth`) are the job's other state: a rerun with the same job id skips every
+  row already in the output, first collects the replies waiting in the results queue, then
+  sends the rest.
 * Each request body's ``id`` names its rows (:func:`producer.jsonl.encode_body_id`), so a reply
   to a request sent before the restart still maps back to its rows. A row is written at most
   once (the output is checked by id) and a run ends only when every row is written, so each
   input row appears in the output exactly once.
+
+Who may write: one run per output file (an advisory ``flock`` on the output, local) and one run
+per job id (an exclusive queue on the broker, :func:`producer.names.job_lock_queue`, freed by the
+broker when its owner's connection dies, SIGKILL included). A second run refuses at once. What
+is written: only replies whose ids carry the job's HMAC tag (:class:`producer.bulk_auth.RequestSigner`);
+any other message in the results queue is acked, logged, counted as ``forged`` and dropped.
 
 Flow control: at most ``max_in_flight`` packed requests are outstanding (published and not yet
 written); the input is read one line at a time. Publishes use publisher confirms and
@@ -23,9 +33,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
+import os
 import re
+import socket
 import time
 import uuid
 from collections.abc import Mapping
@@ -35,8 +49,17 @@ from typing import IO, Any, Literal, Protocol
 import aio_pika
 import aio_pika.abc
 import aio_pika.exceptions
+import aiormq.exceptions
 import structlog
 
+from producer.bulk_auth import (
+    JobStateError,
+    RequestSigner,
+    UnverifiedReplyError,
+    is_private,
+    load_or_create_secret,
+    state_path,
+)
 from producer.errors import ConnectionLostError, InferenceError, ProtocolError, PublishRefusedError
 from producer.jsonl import (
     LINE_KEYED_CODES,
@@ -46,8 +69,6 @@ from producer.jsonl import (
     RowErrorCode,
     batch_inputs,
     count_rows,
-    decode_body_id,
-    encode_body_id,
     error_line,
     iter_input,
     parse_row,
@@ -55,16 +76,37 @@ from producer.jsonl import (
     result_lines,
 )
 from producer.messages import request_message
-from producer.names import CONTENT_TYPE_MSGPACK, DEFAULT_AMQP_URL, DEFAULT_QUEUE, RESULTS_QUEUE_ARGUMENTS, results_queue
+from producer.names import (
+    CONTENT_TYPE_MSGPACK,
+    DEFAULT_AMQP_URL,
+    DEFAULT_QUEUE,
+    DEFAULT_RESULTS_TTL_S,
+    job_lock_queue,
+    results_queue,
+    results_queue_arguments,
+)
 from producer.protocol import ErrorCode, ErrorReply, decode_reply, encode_request
 
-__all__ = ["BulkJob", "BulkOptions", "BulkSummary", "JobFailedError", "ProgressSink", "default_job_id"]
+__all__ = [
+    "BulkJob",
+    "BulkOptions",
+    "BulkSummary",
+    "JobFailedError",
+    "JobLockedError",
+    "ProgressSink",
+    "default_job_id",
+]
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_ROWS_PER_MESSAGE = 64  # measured: bench/bulk_rows_per_message.py; the default worker --max-batch
 DEFAULT_MAX_IN_FLIGHT = 64
 _ACK_BATCH = 256
+_LOCK_GRACE_S = 1.0
+"""How long a run retries the job lock: a run killed a moment ago holds it until the broker sees its socket close."""
+_LOCK_RETRY_S = 0.1
+_LOGGED_REJECTIONS = 100
+"""Rejected replies logged one by one; past this they are only counted (a flood must not flood the log)."""
 Order = Literal["arrival", "input"]
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
@@ -72,6 +114,10 @@ _JOB_ID = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 
 class JobFailedError(InferenceError):
     """Raised when a bulk job cannot go on (broker gone, queue missing); rerun it to resume."""
+
+
+class JobLockedError(JobFailedError):
+    """Raised when another run of the same job, or another job writing the same output, is running."""
 
 
 def default_job_id(output_path: Path) -> str:
@@ -91,6 +137,8 @@ class BulkOptions:
         queue: request queue the workers consume.
         job_id: names the results queue; the same id resumes the job (default: from ``output_path``).
         amqp_url: RabbitMQ URL.
+        results_ttl_s: the results queue is deleted by the broker after this many seconds unused
+            (``x-expires``; default 24 h). Keep it the same across the runs of a job.
         rows_per_message: rows packed into one request (at most the workers' ``--max-batch``).
         max_in_flight: packed requests outstanding at once (the flow-control window).
         order: ``arrival`` writes rows as replies arrive; ``input`` writes them in input order.
@@ -105,6 +153,7 @@ class BulkOptions:
     queue: str = DEFAULT_QUEUE
     job_id: str | None = None
     amqp_url: str = DEFAULT_AMQP_URL
+    results_ttl_s: float = DEFAULT_RESULTS_TTL_S
     rows_per_message: int = DEFAULT_ROWS_PER_MESSAGE
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     order: Order = "arrival"
@@ -118,6 +167,8 @@ class BulkOptions:
             raise ValueError(f"--rows-per-message must be at least 1, got {self.rows_per_message}")
         if self.max_in_flight < 1:
             raise ValueError(f"--max-in-flight must be at least 1, got {self.max_in_flight}")
+        if self.results_ttl_s < 1:
+            raise ValueError(f"--results-ttl-s must be at least 1, got {self.results_ttl_s}")
         if self.job_id is not None and not _JOB_ID.match(self.job_id):
             raise ValueError(f"--job-id {self.job_id!r}: use 1-200 letters, digits, '.', '_' or '-'")
 
@@ -143,6 +194,8 @@ class BulkSummary:
     """Error rows already in the output when the run started."""
     collected: int = 0
     """Rows answered by requests an earlier run sent (collected from the results queue)."""
+    forged: int = 0
+    """Replies (messages, not rows) dropped unwritten: nothing proved they answer a request of this job."""
     messages: int = 0
     """Requests published (splits included)."""
     splits: int = 0
@@ -176,6 +229,14 @@ class _Unit:
     """One slot of the flow-control window: a packed request and its splits."""
 
     remaining: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Sent:
+    """A request this run published and has no reply to yet."""
+
+    rows: list[Row]
+    body_id: str
 
 
 @dataclasses.dataclass(slots=True)
@@ -212,7 +273,8 @@ class BulkJob:
         self._pending: dict[str, _Slot] = {}
         self._order: collections.deque[_Slot] = collections.deque()
         self._early: dict[str, tuple[bytes, str | None]] = {}
-        self._requests: dict[str, list[Row]] = {}
+        self._requests: dict[str, _Sent] = {}
+        self._signer: RequestSigner | None = None
         self._packer = Packer(options.rows_per_message)
         self._unwritten = 0
         self._scanning = True
@@ -228,54 +290,163 @@ class BulkJob:
     # The run
 
     async def run(self) -> BulkSummary:
-        """Run (or resume) the job to completion; the results queue is deleted when it completes."""
+        """Run (or resume) the job to completion; the results queue is kept (it expires on its own).
+
+        Raises:
+            JobLockedError: another run of this job, or another job writing this output, is running.
+            JobFailedError: the job cannot go on; rerun to resume.
+        """
         opts = self.options
         started_s = time.monotonic()
         self._finished = asyncio.get_running_loop().create_future()
-        state = read_output(opts.output_path)
-        self._done_ids, self._done_lines = state.done_ids, state.done_lines
-        self.summary.failed_before = state.failed
-        self.summary.skipped = state.rows
-        if self._progress is not None:
-            self._progress.start(max(0, count_rows(opts.input_path) - state.rows))
-        log.info("bulk_start", job_id=self.job_id, queue=opts.queue, already_done=state.rows)
-        try:
-            publisher = await aio_pika.connect(opts.amqp_url)
-        except (*aio_pika.exceptions.CONNECTION_EXCEPTIONS, TimeoutError) as e:
-            raise JobFailedError(f"cannot connect to the broker: {e}") from e
-        try:
-            consumer = await aio_pika.connect(opts.amqp_url)
-        except (*aio_pika.exceptions.CONNECTION_EXCEPTIONS, TimeoutError) as e:
-            await publisher.close()
-            raise JobFailedError(f"cannot connect to the broker: {e}") from e
-        try:
-            for connection in (publisher, consumer):
-                connection.close_callbacks.add(self._on_connection_closed)
-            with opts.output_path.open("ab") as self._out:
+        with self._locked_output() as self._out:
+            self._signer = RequestSigner(self._job_secret(), self.job_id)
+            state = read_output(opts.output_path)
+            self._done_ids, self._done_lines = state.done_ids, state.done_lines
+            self.summary.failed_before = state.failed
+            self.summary.skipped = state.rows
+            if self._progress is not None:
+                self._progress.start(max(0, count_rows(opts.input_path) - state.rows))
+            log.info("bulk_start", job_id=self.job_id, queue=opts.queue, already_done=state.rows)
+            publisher = await self._connect("publish")
+            try:
+                consumer = await self._connect("collect")
+            except JobFailedError:
+                await publisher.close()
+                raise
+            try:
+                for connection in (publisher, consumer):
+                    connection.close_callbacks.add(self._on_connection_closed)
                 await self._run(publisher, consumer)
                 self._out.flush()
-        finally:
-            finished = self._finished_future()
-            if not finished.done():
-                finished.cancel()  # closing the connections below must not record a failure
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-            for connection in (publisher, consumer):
-                connection.close_callbacks.discard(self._on_connection_closed)
-                await connection.close()
+            finally:
+                finished = self._finished_future()
+                if not finished.done():
+                    finished.cancel()  # closing the connections below must not record a failure
+                for task in self._tasks:
+                    task.cancel()
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+                for connection in (publisher, consumer):
+                    connection.close_callbacks.discard(self._on_connection_closed)
+                    await connection.close()
         self.summary.elapsed_s = time.monotonic() - started_s
-        log.info("bulk_done", job_id=self.job_id, written=self.summary.written, failed=self.summary.failed)
+        log.info(
+            "bulk_done",
+            job_id=self.job_id,
+            written=self.summary.written,
+            failed=self.summary.failed,
+            forged=self.summary.forged,
+        )
         return self.summary
+
+    @contextlib.contextmanager
+    def _locked_output(self) -> collections.abc.Iterator[IO[bytes]]:
+        """The output file, open for appending, under an exclusive advisory lock held until the run ends.
+
+        The lock keeps a second run on this machine (same job, or another job id pointed at the
+        same file) from writing or truncating the file while this one writes it.
+        """
+        path = self.options.output_path
+        try:
+            out = path.open("ab")
+        except OSError as e:
+            raise JobFailedError(f"cannot open the output file {path}: {e.strerror}") from e
+        with out:
+            try:
+                fcntl.flock(out.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as e:
+                raise JobLockedError(
+                    f"job {self.job_id} not started: another producer bulk process is writing {path} (it holds the "
+                    "file's lock). Wait for it to finish, or stop it, then run this command again to resume."
+                ) from e
+            yield out
+
+    def _job_secret(self) -> bytes:
+        """The job's secret from the state file beside the output, created on the first run."""
+        path = state_path(self.options.output_path)
+        try:
+            secret, created = load_or_create_secret(path)
+        except JobStateError as e:
+            raise JobFailedError(str(e)) from e
+        if created:
+            log.info("bulk_state_created", job_id=self.job_id, path=str(path))
+        elif not is_private(path):
+            log.warning(
+                "bulk_state_readable_by_others",
+                job_id=self.job_id,
+                path=str(path),
+                why="whoever can read the job's secret can forge replies the job accepts",
+                fix=f"chmod 600 {path}",
+            )
+        return secret
+
+    async def _connect(self, role: str) -> aio_pika.abc.AbstractConnection:
+        """A connection named for the management UI: which job, which process, what for."""
+        name = f"producer bulk {self.job_id} {role} (pid {os.getpid()} on {socket.gethostname()})"
+        try:
+            return await aio_pika.connect(self.options.amqp_url, client_properties={"connection_name": name})
+        except (*aio_pika.exceptions.CONNECTION_EXCEPTIONS, TimeoutError) as e:
+            raise JobFailedError(f"cannot connect to the broker: {e}") from e
+
+    async def _lock_job(self, connection: aio_pika.abc.AbstractConnection) -> None:
+        """Declare the job's lock queue, exclusive to ``connection``: one run per job id at a time.
+
+        The broker refuses the declaration (RESOURCE_LOCKED) while another connection owns the
+        queue, and deletes the queue when its owner's connection closes or dies.
+        """
+        name = job_lock_queue(self.job_id)
+        give_up_s = time.monotonic() + _LOCK_GRACE_S
+        while True:
+            channel = await connection.channel()
+            try:
+                await channel.declare_queue(name, exclusive=True, auto_delete=True)
+            except aiormq.exceptions.ChannelLockedResource as e:
+                if time.monotonic() >= give_up_s:
+                    raise JobLockedError(
+                        f"job {self.job_id} is already running: another producer bulk holds its lock on the broker "
+                        f"(queue {name}; its connections are named 'producer bulk {self.job_id} ...'). Only one run of "
+                        "a job may collect its results. Wait for that run to finish, or stop it, then run this "
+                        "command again to resume (the broker frees the lock as soon as it sees the other run's "
+                        "connection gone: at once for a killed process, within the heartbeat timeout for a lost host)."
+                    ) from e
+                await asyncio.sleep(_LOCK_RETRY_S)
+                continue
+            await channel.close()
+            return
+
+    async def _declare_results_queue(
+        self, connection: aio_pika.abc.AbstractConnection
+    ) -> tuple[aio_pika.abc.AbstractChannel, aio_pika.abc.AbstractQueue]:
+        """Declare the results queue with this version's arguments, or use an existing one as it is.
+
+        A queue declared earlier with other arguments (an older version without ``x-expires``,
+        or another ``--results-ttl-s``) makes the broker refuse the declaration
+        (PRECONDITION_FAILED, which closes the channel): the job then uses the queue as it is.
+        """
+        channel = await connection.channel()
+        arguments = results_queue_arguments(self.options.results_ttl_s)
+        try:
+            return channel, await channel.declare_queue(self.results_queue, durable=True, arguments=arguments)
+        except aio_pika.exceptions.ChannelPreconditionFailed as e:
+            log.warning(
+                "bulk_results_queue_differs",
+                job_id=self.job_id,
+                queue=self.results_queue,
+                broker_says=str(e.args[0] if e.args else e),
+                action="using the queue with the arguments it has",
+                why="declared by an older version (no x-expires) or with another --results-ttl-s",
+                fix=f"once no run of job {self.job_id} is pending, delete the queue (rabbitmqctl delete_queue "
+                f"{self.results_queue}); the next run declares it with x-expires",
+            )
+        channel = await connection.channel()
+        return channel, await channel.declare_queue(self.results_queue, passive=True)
 
     async def _run(self, publisher: aio_pika.abc.AbstractConnection, consumer: aio_pika.abc.AbstractConnection) -> None:
         opts = self.options
+        await self._lock_job(consumer)
         self._publish_channel = await publisher.channel(publisher_confirms=True, on_return_raises=True)
-        channel = await consumer.channel()
+        channel, queue = await self._declare_results_queue(consumer)
         await channel.set_qos(prefetch_count=min(65535, 2 * opts.max_in_flight + 16))
-        queue = await channel.declare_queue(
-            self.results_queue, durable=True, arguments=dict[str, Any](RESULTS_QUEUE_ARGUMENTS)
-        )
         waiting = queue.declaration_result.message_count or 0
         for ch in (self._publish_channel, channel):
             ch.close_callbacks.add(self._on_connection_closed)
@@ -292,7 +463,6 @@ class BulkJob:
         self._check_finished()
         await self._wait(self._finished_future())
         await queue.cancel(consumer_tag)
-        await queue.delete(if_unused=False, if_empty=False)
 
     def _finished_future(self) -> asyncio.Future[None]:
         assert self._finished is not None
@@ -424,13 +594,18 @@ class BulkJob:
 
     def _publish(self, rows: list[Row]) -> None:
         opts = self.options
+        assert self._signer is not None
         self._seq += 1
-        request_id = f"{self.job_id}.{self._nonce}.{self._seq}"
-        body = encode_request(batch_inputs(rows), opts.content_type, request_id=encode_body_id(request_id, rows))
+        ids = self._signer.sign(f"{self._nonce}.{self._seq}", rows)
+        body = encode_request(batch_inputs(rows), opts.content_type, request_id=ids.body_id)
         message = request_message(
-            body, request_id=request_id, content_type=opts.content_type, reply_to=self.results_queue, persistent=True
+            body,
+            request_id=ids.correlation_id,
+            content_type=opts.content_type,
+            reply_to=self.results_queue,
+            persistent=True,
         )
-        self._requests[request_id] = rows
+        self._requests[ids.correlation_id] = _Sent(rows, ids.body_id)
         self.summary.messages += 1
         self._own(self._publish_one(message))
 
@@ -473,32 +648,75 @@ class BulkJob:
                 self._collected_waiting.set_result(None)
 
     def _handle_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        request_id = message.correlation_id or ""
-        sent = self._requests.pop(request_id, None)
+        """Write the rows a reply answers, once its ids prove this job sent the request.
+
+        A reply to a request this run sent is recognised by its correlation id (which carries
+        the request's tag) and must echo the body id the request carried. Any other reply must
+        verify under the job's secret (:meth:`RequestSigner.verify`): it answers a request of an
+        earlier run, or answers one of this run's requests a second time. Everything else is
+        dropped (:meth:`_reject`); the caller acks it either way.
+        """
+        assert self._signer is not None
+        correlation_id = message.correlation_id or ""
+        sent = self._requests.get(correlation_id) if correlation_id else None
         try:
             reply = decode_reply(message.body, message.content_type)
         except ProtocolError as e:
-            log.warning("bulk_bad_reply", job_id=self.job_id, request_id=request_id, error=str(e))
-            if sent is not None:
-                self._on_error(sent, e.code, f"the worker's reply could not be decoded: {e.message}")
+            if sent is None:
+                self._reject(correlation_id, f"the body cannot be decoded ({e})")
+                return
+            del self._requests[correlation_id]
+            log.warning("bulk_bad_reply", job_id=self.job_id, request_id=correlation_id, error=str(e))
+            self._on_error(sent.rows, e.code, f"the worker's reply could not be decoded: {e.message}")
             return
-        if isinstance(reply, ErrorReply):
-            if sent is not None:
-                self._on_error(sent, reply.code, reply.message)
-            # An earlier run's failed request: this run sends its rows again, so drop it.
-            return
-        rows = [(r.line, r.id) for r in sent] if sent is not None else decode_body_id(reply.id)
-        if rows is None:
-            log.warning("bulk_unknown_reply", job_id=self.job_id, request_id=request_id)
-            return
+        rows: list[tuple[int, str]]
+        if sent is not None:
+            # A worker that could not decode the request answers with the correlation id as the body id.
+            if reply.id != sent.body_id and not (isinstance(reply, ErrorReply) and reply.id == correlation_id):
+                self._reject(correlation_id, "the body id is not the one the request carried")
+                return
+            del self._requests[correlation_id]
+            if isinstance(reply, ErrorReply):
+                self._on_error(sent.rows, reply.code, reply.message)
+                return
+            rows = [(r.line, r.id) for r in sent.rows]
+        else:
+            try:
+                rows = self._signer.verify(correlation_id, reply.id)
+            except UnverifiedReplyError as e:
+                self._reject(correlation_id, str(e))
+                return
+            if isinstance(reply, ErrorReply):
+                # An earlier run's request failed (or this run's was answered twice): its rows are sent again.
+                return
         try:
             lines = result_lines(rows, reply)
         except ValueError as e:
             if sent is not None:
-                self._on_error(sent, ErrorCode.INTERNAL, f"the worker's reply does not match the request: {e}")
+                self._on_error(sent.rows, ErrorCode.INTERNAL, f"the worker's reply does not match the request: {e}")
             return
         for (_, row_id), text in zip(rows, lines, strict=True):
             self._resolve(row_id, text, None, earlier_run=sent is None)
+
+    def _reject(self, correlation_id: str, reason: str) -> None:
+        """Drop a reply nothing proves this job asked for: count it, log it, never write it."""
+        self.summary.forged += 1
+        if self.summary.forged > _LOGGED_REJECTIONS:
+            return
+        log.warning(
+            "bulk_reply_rejected",
+            job_id=self.job_id,
+            correlation_id=correlation_id[:120],
+            reason=reason,
+            action="acked and dropped",
+            why="it answers no request of this job: forged, or sent to this queue by mistake",
+        )
+        if self.summary.forged == _LOGGED_REJECTIONS:
+            log.warning(
+                "bulk_reply_rejected_quiet",
+                job_id=self.job_id,
+                note="further rejected replies are counted in the summary, not logged",
+            )
 
     def _on_error(self, rows: list[Row], code: str, message: str) -> None:
         unresolved = [r for r in rows if (s := self._pending.get(r.id)) is not None and s.text is None]

@@ -33,7 +33,13 @@ from producer.bulk import (
 )
 from producer.errors import InferenceError
 from producer.jsonl import parse_datatypes
-from producer.names import CONTENT_TYPE_MSGPACK, CONTENT_TYPES, DEFAULT_AMQP_URL, DEFAULT_QUEUE
+from producer.names import (
+    CONTENT_TYPE_MSGPACK,
+    CONTENT_TYPES,
+    DEFAULT_AMQP_URL,
+    DEFAULT_QUEUE,
+    DEFAULT_RESULTS_TTL_S,
+)
 
 __all__ = ["add_bulk_parser", "run_bulk"]
 
@@ -50,8 +56,10 @@ output rows (JSONL):
   {"id": "r1", "line": 1, "outputs": {"embedding": [...]}}
   {"id": "r2", "line": 2, "error": {"code": "wrong_shape", "message": "..."}}
 Rerun the same command (or pass the same --job-id) to resume: rows already in OUTPUT are skipped
-and replies that arrived meanwhile are collected. Exit status: 0 all rows ok, 1 some rows failed,
-2 the job stopped (rerun to resume), 130 interrupted (rerun to resume).
+and replies that arrived meanwhile are collected. OUTPUT.job.json holds the job's secret (mode 0600;
+keep it to resume): only replies tagged with it are written. One run per job id and per OUTPUT at a
+time: a second one refuses. Exit status: 0 all rows ok, 1 some rows failed, 2 the job stopped or
+another run of it is running (rerun to resume), 130 interrupted (rerun to resume).
 """
 
 
@@ -71,6 +79,13 @@ def add_bulk_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--job-id", default=None, help="names the job's results queue; the same id resumes (default: from --output)"
     )
     bulk.add_argument("--amqp-url", default=None, help=f"broker URL (env AMQP_URL; default {DEFAULT_AMQP_URL})")
+    bulk.add_argument(
+        "--results-ttl-s",
+        type=float,
+        default=DEFAULT_RESULTS_TTL_S,
+        help="the broker deletes the results queue after this many seconds unused, so late replies still "
+        "find it until then (default %(default).0f: 24 h; keep it the same across runs of a job)",
+    )
     bulk.add_argument(
         "--rows-per-message",
         type=int,
@@ -140,6 +155,11 @@ def _print_summary(summary: BulkSummary, output: Path, console: Console) -> None
         console.print(f"  {summary.skipped:,} rows were already in the output")
     if summary.collected:
         console.print(f"  {summary.collected:,} rows came from requests sent by an earlier run")
+    if summary.forged:
+        console.print(
+            f"  [yellow]{summary.forged:,} replies were dropped[/yellow]: they answer no request of this job "
+            "(forged, or sent to its results queue by mistake; see the warnings)"
+        )
     if summary.splits:
         console.print(f"  {summary.splits:,} requests were split after an error reply to find the failing rows")
     if summary.failed_total:
@@ -166,6 +186,7 @@ def run_bulk(args: argparse.Namespace) -> int:
             queue=args.queue,
             job_id=args.job_id,
             amqp_url=args.amqp_url or os.environ.get("AMQP_URL", DEFAULT_AMQP_URL),
+            results_ttl_s=args.results_ttl_s,
             rows_per_message=args.rows_per_message,
             max_in_flight=args.max_in_flight,
             order=args.order,

@@ -42,6 +42,7 @@ __all__ = [
     "count_rows",
     "decode_body_id",
     "encode_body_id",
+    "encode_row_keys",
     "error_line",
     "iter_input",
     "parse_datatypes",
@@ -236,11 +237,16 @@ def batch_inputs(rows: Sequence[Row]) -> dict[str, npt.NDArray[Any]]:
 # (when the producer no longer knows what it sent) still maps back to its rows.
 
 
+def encode_row_keys(rows: Sequence[Row]) -> str:
+    """The rows' ``(line, id)`` pairs as the JSON text ``[[line, row id], ...]`` body ids carry."""
+    return _encoder.encode([[r.line, r.id] for r in rows]).decode()
+
+
 def encode_body_id(request_id: str, rows: Sequence[Row]) -> str:
     """``<request id>:<JSON [[line, row id], ...]>``; ``request_id`` must not contain ``:``."""
     if ":" in request_id:
         raise ValueError(f"request id {request_id!r} must not contain ':'")
-    return f"{request_id}:{_encoder.encode([[r.line, r.id] for r in rows]).decode()}"
+    return f"{request_id}:{encode_row_keys(rows)}"
 
 
 def decode_body_id(body_id: str) -> list[tuple[int, str]] | None:

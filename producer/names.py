@@ -43,8 +43,35 @@ def results_queue(job_id: str) -> str:
 DEFAULT_REPLY_TO_PATTERN = r"results\.[A-Za-z0-9_.:-]{1,200}"
 """The reply_to queue names a worker answers by default (besides direct reply-to): bulk jobs' results queues."""
 
-RESULTS_QUEUE_ARGUMENTS: dict[str, str] = {"x-queue-type": "quorum"}
-"""The ``x-`` arguments of a bulk job's results queue (durable, replicated: replies outlive the producer)."""
+DEFAULT_RESULTS_TTL_S = 24 * 3600
+"""How long a bulk job's results queue outlives its last use (no consumer, no declare), in seconds."""
+
+
+def results_queue_arguments(ttl_s: float = DEFAULT_RESULTS_TTL_S) -> dict[str, Any]:
+    """The ``x-`` arguments of a bulk job's results queue; every declarer uses exactly these.
+
+    The queue is a quorum queue (replicated: replies outlive the producer) that the broker deletes
+    once it has been unused for ``ttl_s`` (``x-expires``), so a reply that arrives after its job
+    finished or between two runs still finds the queue, and an abandoned job's queue goes away.
+
+    Args:
+        ttl_s: seconds the queue survives without a consumer (default 24 h); at least 1 s.
+    """
+    if ttl_s < 1:
+        raise ValueError(f"the results queue's TTL must be at least 1 s, got {ttl_s} s")
+    return {"x-queue-type": "quorum", "x-expires": round(ttl_s * 1000)}
+
+
+RESULTS_QUEUE_ARGUMENTS: dict[str, Any] = results_queue_arguments()
+"""The ``x-`` arguments of a bulk job's results queue with the default TTL."""
+
+
+def job_lock_queue(job_id: str) -> str:
+    """Name of the exclusive queue whose owner is the one run of a bulk job allowed to collect its replies.
+
+    Outside the results-queue name pattern on purpose: workers never publish replies to it.
+    """
+    return f"bulk-lock.{job_id}"
 
 
 def is_direct_reply_to(reply_to: str) -> bool:

@@ -1,4 +1,4 @@
-"""Bulk jobs end to end: real broker, real ``worker run`` processes, producers killed and rerun."""
+"""Bulk jobs end to end: real broker, real ``worker run`` processes, producers killed and rerun, forged replies."""
 
 from __future__ import annotations
 
@@ -8,16 +8,26 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import aio_pika
 import aio_pika.exceptions
+import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
-from producer.bulk import BulkJob, BulkOptions, BulkSummary, JobFailedError
-from producer.names import dead_letter_queue, results_queue
+from producer.bulk import BulkJob, BulkOptions, BulkSummary, JobFailedError, JobLockedError, default_job_id
+from producer.bulk_auth import RequestSigner, load_or_create_secret, state_path
+from producer.jsonl import Row
+from producer.names import (
+    CONTENT_TYPE_JSON,
+    dead_letter_queue,
+    results_queue,
+    results_queue_arguments,
+)
+from producer.protocol import ErrorCode, encode_error, encode_reply
 from tests.integration.worker_process import REPO_ROOT, WorkerProcess, child_env
 from tests.models import affine_model
 
@@ -88,6 +98,45 @@ async def _queue_exists(amqp_url: str, name: str) -> bool:
         return True
 
 
+async def _declared_with(amqp_url: str, name: str, arguments: dict[str, Any]) -> bool:
+    """True when queue ``name`` exists with exactly ``arguments`` (the broker compares them on declare)."""
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        try:
+            await channel.declare_queue(name, passive=True)
+            channel = await connection.channel()
+            await channel.declare_queue(name, durable=True, arguments=arguments)
+        except (aio_pika.exceptions.ChannelNotFoundEntity, aio_pika.exceptions.ChannelPreconditionFailed):
+            return False
+        return True
+
+
+async def _publish_replies(amqp_url: str, queue: str, replies: Sequence[tuple[str | None, bytes]]) -> None:
+    """Publish ``(correlation id, body)`` pairs into ``queue`` as anyone allowed to publish could."""
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        for correlation_id, body in replies:
+            message = aio_pika.Message(body, content_type=CONTENT_TYPE_JSON, correlation_id=correlation_id)
+            await channel.default_exchange.publish(message, routing_key=queue, mandatory=True)
+
+
+async def _declare_results_queue(amqp_url: str, job_id: str, arguments: dict[str, Any]) -> None:
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(results_queue(job_id), durable=True, arguments=arguments)
+
+
+def _reply_body(body_id: str, first_row: int, rows: int, *, value: float | None = None) -> bytes:
+    """A reply for input rows ``first_row ..``: the affine model's true outputs, or all ``value``."""
+    y = np.array([_expected_y(i) for i in range(first_row, first_row + rows)], dtype=np.float32)
+    if value is not None:
+        y[:] = value
+    return encode_reply(body_id, {"y": y}, CONTENT_TYPE_JSON, model_name="affine")
+
+
 async def _delete_queues(amqp_url: str, *names: str) -> None:
     connection = await aio_pika.connect(amqp_url)
     async with connection:
@@ -124,6 +173,14 @@ async def queue(amqp_url: str) -> AsyncIterator[str]:
     await _delete_queues(amqp_url, name, dead_letter_queue(name))
 
 
+@pytest.fixture
+async def job_id(amqp_url: str) -> AsyncIterator[str]:
+    """A unique job id; its results queue (kept by the job for late replies) is deleted afterwards."""
+    name = f"job-{uuid.uuid4().hex[:8]}"
+    yield name
+    await _delete_queues(amqp_url, results_queue(name))
+
+
 @pytest.fixture(scope="module")
 def shared_queue(amqp_url: str, affine: Path) -> Iterator[str]:
     """A queue with one affine worker (max batch 16) for the tests that do not restart anything."""
@@ -147,32 +204,32 @@ def _options(tmp_path: Path, amqp_url: str, queue: str, job_id: str, **kwargs: A
 
 
 async def test_2000_rows_come_back_exactly_once_with_correct_results(
-    amqp_url: str, shared_queue: str, tmp_path: Path
+    amqp_url: str, shared_queue: str, job_id: str, tmp_path: Path
 ) -> None:
     _write_input(tmp_path / "in.jsonl")
-    job_id = f"job-{uuid.uuid4().hex[:8]}"
     summary = await BulkJob(_options(tmp_path, amqp_url, shared_queue, job_id, rows_per_message=16)).run()
-    assert (summary.written, summary.failed, summary.messages) == (ROWS, 0, ROWS // 16)
+    assert (summary.written, summary.failed, summary.messages, summary.forged) == (ROWS, 0, ROWS // 16, 0)
     _assert_every_row_exactly_once(tmp_path / "out.jsonl")
-    assert not await _queue_exists(amqp_url, results_queue(job_id))
+    # Kept for late replies; the broker deletes it after the TTL.
+    assert await _declared_with(amqp_url, results_queue(job_id), results_queue_arguments())
 
 
 async def test_requests_larger_than_the_worker_batch_are_split_until_they_fit(
-    amqp_url: str, shared_queue: str, tmp_path: Path
+    amqp_url: str, shared_queue: str, job_id: str, tmp_path: Path
 ) -> None:
     _write_input(tmp_path / "in.jsonl", rows=200)
-    options = _options(tmp_path, amqp_url, shared_queue, f"job-{uuid.uuid4().hex[:8]}", rows_per_message=50)
+    options = _options(tmp_path, amqp_url, shared_queue, job_id, rows_per_message=50)
     summary = await BulkJob(options).run()
     assert summary.splits > 0
     assert (summary.written, summary.failed) == (200, 0)
     _assert_every_row_exactly_once(tmp_path / "out.jsonl", rows=200)
 
 
-async def test_input_order_option_writes_rows_in_input_order(amqp_url: str, shared_queue: str, tmp_path: Path) -> None:
+async def test_input_order_option_writes_rows_in_input_order(
+    amqp_url: str, shared_queue: str, job_id: str, tmp_path: Path
+) -> None:
     _write_input(tmp_path / "in.jsonl", rows=300)
-    options = _options(
-        tmp_path, amqp_url, shared_queue, f"job-{uuid.uuid4().hex[:8]}", rows_per_message=7, order="input"
-    )
+    options = _options(tmp_path, amqp_url, shared_queue, job_id, rows_per_message=7, order="input")
     await BulkJob(options).run()
     assert [row["line"] for row in _read_output(tmp_path / "out.jsonl")] == list(range(1, 301))
 
@@ -188,7 +245,12 @@ def test_bad_rows_are_reported_per_row_and_the_job_continues(amqp_url: str, shar
     output = tmp_path / "out.jsonl"
     command = [sys.executable, "-m", "producer.cli", "bulk", str(tmp_path / "in.jsonl"), "--output", str(output)]
     command += ["--queue", shared_queue, "--rows-per-message", "8", "--no-progress"]
-    done = subprocess.run(command, env=child_env(amqp_url), cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    try:
+        done = subprocess.run(
+            command, env=child_env(amqp_url), cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+        )
+    finally:
+        asyncio.run(_delete_queues(amqp_url, results_queue(default_job_id(output))))
     assert done.returncode == 1, done.stderr
     assert "4 rows failed" in done.stdout
     rows = _read_output(output)
@@ -199,10 +261,9 @@ def test_bad_rows_are_reported_per_row_and_the_job_continues(amqp_url: str, shar
 
 
 async def test_producer_killed_part_way_then_rerun_gives_every_row_exactly_once(
-    amqp_url: str, affine: Path, queue: str, tmp_path: Path
+    amqp_url: str, affine: Path, queue: str, job_id: str, tmp_path: Path
 ) -> None:
     _write_input(tmp_path / "in.jsonl")
-    job_id = f"job-{uuid.uuid4().hex[:8]}"
     with WorkerProcess(amqp_url, affine, queue):
         producer = await asyncio.create_subprocess_exec(
             *[sys.executable, "-c", _FREEZING_PRODUCER, str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl")],
@@ -224,16 +285,16 @@ async def test_producer_killed_part_way_then_rerun_gives_every_row_exactly_once(
     assert summary.skipped > 0
     assert summary.collected > 0, "replies that arrived while the producer was down were not used"
     assert summary.skipped + summary.written == ROWS
+    assert summary.forged == 0, "a reply to the killed run's requests failed verification"
     _assert_every_row_exactly_once(tmp_path / "out.jsonl")
-    assert not await _queue_exists(amqp_url, results_queue(job_id))
 
 
 async def test_worker_restarted_part_way_still_gives_every_row_exactly_once(
-    amqp_url: str, affine: Path, queue: str, tmp_path: Path
+    amqp_url: str, affine: Path, queue: str, job_id: str, tmp_path: Path
 ) -> None:
     _write_input(tmp_path / "in.jsonl")
     threshold = _Threshold(after=ROWS // 3)
-    options = _options(tmp_path, amqp_url, queue, f"job-{uuid.uuid4().hex[:8]}", rows_per_message=10)
+    options = _options(tmp_path, amqp_url, queue, job_id, rows_per_message=10)
     first = WorkerProcess(amqp_url, affine, queue).start()
     second: WorkerProcess | None = None
     try:
@@ -253,13 +314,114 @@ async def test_worker_restarted_part_way_still_gives_every_row_exactly_once(
     _assert_every_row_exactly_once(tmp_path / "out.jsonl")
 
 
-async def test_a_missing_request_queue_stops_the_job_and_keeps_its_results_queue(amqp_url: str, tmp_path: Path) -> None:
+async def test_a_missing_request_queue_stops_the_job_and_keeps_its_results_queue(
+    amqp_url: str, job_id: str, tmp_path: Path
+) -> None:
     _write_input(tmp_path / "in.jsonl", rows=20)
-    job_id = f"job-{uuid.uuid4().hex[:8]}"
     options = _options(tmp_path, amqp_url, f"test.bulk.missing.{uuid.uuid4().hex}", job_id)
-    try:
-        with pytest.raises(JobFailedError, match=f"no queue named .* rerun with --job-id {job_id}"):
-            await BulkJob(options).run()
-        assert await _queue_exists(amqp_url, results_queue(job_id))
-    finally:
-        await _delete_queues(amqp_url, results_queue(job_id))
+    with pytest.raises(JobFailedError, match=f"no queue named .* rerun with --job-id {job_id}"):
+        await BulkJob(options).run()
+    assert await _queue_exists(amqp_url, results_queue(job_id))
+
+
+async def test_forged_replies_in_the_results_queue_never_reach_the_output(
+    amqp_url: str, shared_queue: str, job_id: str, tmp_path: Path
+) -> None:
+    _write_input(tmp_path / "in.jsonl", rows=100)
+    made_up = f"{job_id}.deadbeef.1.{'0' * 32}"  # shaped like the job's ids, without the secret
+    untagged = f"{job_id}.deadbeef.2"  # the id format of versions without tags
+    forged: list[tuple[str | None, bytes]] = [
+        (made_up, _reply_body(f'{made_up}:[[1,"r0"],[2,"r1"]]', 0, 2, value=999.0)),
+        (untagged, _reply_body(f'{untagged}:[[3,"r2"]]', 2, 1, value=999.0)),
+        (None, _reply_body(f'{made_up}:[[4,"r3"]]', 3, 1, value=999.0)),
+        (made_up, b"\x00 not a reply"),
+        (made_up, encode_error(f'{made_up}:[[5,"r4"]]', ErrorCode.INTERNAL, "forged", CONTENT_TYPE_JSON)),
+    ]
+    await _declare_results_queue(amqp_url, job_id, results_queue_arguments())
+    await _publish_replies(amqp_url, results_queue(job_id), forged)
+    with capture_logs() as logs:
+        summary = await BulkJob(_options(tmp_path, amqp_url, shared_queue, job_id, rows_per_message=8)).run()
+    assert summary.forged == len(forged)
+    assert (summary.written, summary.failed, summary.collected) == (100, 0, 0)
+    _assert_every_row_exactly_once(tmp_path / "out.jsonl", rows=100)  # every value is the worker's, never 999
+    rejected = [e for e in logs if e["event"] == "bulk_reply_rejected"]
+    assert len(rejected) == len(forged)
+    assert all(e["log_level"] == "warning" and e["reason"] for e in rejected)
+
+
+async def test_signed_replies_from_an_earlier_run_are_written_once_even_when_delivered_twice(
+    amqp_url: str, shared_queue: str, job_id: str, tmp_path: Path
+) -> None:
+    _write_input(tmp_path / "in.jsonl", rows=100)
+    # What an earlier run of the job left behind: its secret, and late (and duplicated) replies to its requests.
+    secret, created = load_or_create_secret(state_path(tmp_path / "out.jsonl"))
+    assert created
+    signer = RequestSigner(secret, job_id)
+    rows = [Row(line=i + 1, id=f"r{i}", inputs={}) for i in range(6)]
+    first, overlapping = signer.sign("earlier.1", rows[:4]), signer.sign("earlier.2", rows[2:])
+    late = [
+        (first.correlation_id, _reply_body(first.body_id, 0, 4)),
+        (first.correlation_id, _reply_body(first.body_id, 0, 4)),
+        (overlapping.correlation_id, _reply_body(overlapping.body_id, 2, 4)),
+    ]
+    await _declare_results_queue(amqp_url, job_id, results_queue_arguments())
+    await _publish_replies(amqp_url, results_queue(job_id), late)
+    summary = await BulkJob(_options(tmp_path, amqp_url, shared_queue, job_id, rows_per_message=8)).run()
+    assert (summary.collected, summary.forged, summary.written) == (6, 0, 100)
+    _assert_every_row_exactly_once(tmp_path / "out.jsonl", rows=100)
+
+
+async def test_a_second_run_of_a_running_job_refuses_and_a_rerun_after_a_kill_is_exactly_once(
+    amqp_url: str, affine: Path, queue: str, job_id: str, tmp_path: Path
+) -> None:
+    rows = 600
+    _write_input(tmp_path / "in.jsonl", rows=rows)
+    output = tmp_path / "out.jsonl"
+    with WorkerProcess(amqp_url, affine, queue):
+        producer = await asyncio.create_subprocess_exec(
+            *[sys.executable, "-c", _FREEZING_PRODUCER, str(tmp_path / "in.jsonl"), str(output)],
+            *[queue, job_id, amqp_url, "100"],
+            env=child_env(amqp_url),
+            cwd=REPO_ROOT,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert producer.stdout is not None
+            while not (line := await producer.stdout.readline()).startswith(b"frozen"):
+                assert line, "the producer exited before freezing"
+            written_by_first = output.read_bytes()
+            # The same command again: the output file's lock refuses it before it reads anything.
+            with pytest.raises(JobLockedError, match=r"another producer bulk process is writing .* run this command"):
+                await BulkJob(_options(tmp_path, amqp_url, queue, job_id, rows_per_message=10)).run()
+            # The same job id from elsewhere (another output): the broker's lock refuses it.
+            elsewhere = _options(tmp_path, amqp_url, queue, job_id, rows_per_message=10)
+            elsewhere = BulkOptions(**{**vars(elsewhere), "output_path": tmp_path / "elsewhere.jsonl"})
+            with pytest.raises(JobLockedError, match=f"job {job_id} is already running.*Wait for that run"):
+                await BulkJob(elsewhere).run()
+            assert output.read_bytes() == written_by_first
+            assert (tmp_path / "elsewhere.jsonl").read_bytes() == b""
+        finally:
+            producer.send_signal(signal.SIGKILL)
+            await producer.wait()
+        # SIGKILL frees both locks: the rerun resumes and completes.
+        summary = await BulkJob(_options(tmp_path, amqp_url, queue, job_id, rows_per_message=10)).run()
+    assert summary.skipped > 0
+    assert summary.skipped + summary.written == rows
+    assert summary.forged == 0
+    _assert_every_row_exactly_once(output, rows=rows)
+
+
+async def test_a_results_queue_declared_by_an_older_version_is_used_as_it_is(
+    amqp_url: str, shared_queue: str, job_id: str, tmp_path: Path
+) -> None:
+    _write_input(tmp_path / "in.jsonl", rows=100)
+    older = {"x-queue-type": "quorum"}  # no x-expires
+    await _declare_results_queue(amqp_url, job_id, older)
+    with capture_logs() as logs:
+        summary = await BulkJob(_options(tmp_path, amqp_url, shared_queue, job_id, rows_per_message=8)).run()
+    assert (summary.written, summary.failed) == (100, 0)
+    _assert_every_row_exactly_once(tmp_path / "out.jsonl", rows=100)
+    [warning] = [e for e in logs if e["event"] == "bulk_results_queue_differs"]
+    assert "x-expires" in warning["broker_says"]
+    assert "delete_queue" in warning["fix"]
+    assert await _declared_with(amqp_url, results_queue(job_id), older)
