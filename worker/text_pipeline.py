@@ -19,7 +19,7 @@ from producer.errors import ProtocolError
 from producer.protocol import ErrorCode, InferRequest
 from worker.batching import Arrays
 from worker.manifest import ManifestError, load_manifest
-from worker.model import TensorSpec, open_session
+from worker.session import TensorSpec, open_session
 from worker.settings import Settings
 from worker.text import IdArray, TextPipeline, texts_from_tensor
 
