@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from producer.errors import ProtocolError
-from producer.protocol import DATATYPES, ErrorCode, InferRequest
+from producer.errors import ProtocolError, clip
+from producer.protocol import ErrorCode, InferRequest, numpy_to_datatype
 from worker.batching import Arrays, concat_inputs, split_outputs
 from worker.errors import ModelLoadError
-from worker.session import Pipeline, TensorSpec, choose_providers, open_session, spec_of
+from worker.session import Pipeline, TensorSpec, check_rows, choose_providers, open_session, spec_of
 from worker.settings import Settings
 
 __all__ = ["Pipeline", "TensorPipeline", "TensorSpec", "choose_providers", "load_pipeline", "open_session"]
@@ -43,11 +43,17 @@ class TensorPipeline:
         return cls(open_session(path, settings), name=name, version=settings.model_version)
 
     def prepare(self, request: InferRequest, *, max_rows: int) -> InferRequest:
+        """Check a request's tensors against the model's inputs and its requested outputs.
+
+        Raises:
+            ProtocolError: ``unknown_input``, ``missing_input``, ``wrong_datatype``, ``wrong_shape`` (also for
+                0 rows), ``too_many_rows`` or ``unknown_output``; echoed names and shapes are clipped.
+        """
         for name in request.inputs:
             if name not in self.inputs:
                 raise ProtocolError(
                     ErrorCode.UNKNOWN_INPUT,
-                    f"model {self.name!r} has no input {name!r}; its inputs are: "
+                    f"model {self.name!r} has no input {clip(name)}; its inputs are: "
                     + "; ".join(s.describe() for s in self.inputs.values()),
                 )
         for spec in self.inputs.values():
@@ -57,30 +63,25 @@ class TensorPipeline:
                     ErrorCode.MISSING_INPUT, f"input {spec.describe()} is missing; model {self.name!r} needs it"
                 )
             if arr.dtype != spec.dtype:
-                got = "BYTES" if arr.dtype.kind == "O" else next(k for k, v in DATATYPES.items() if v == arr.dtype)
                 raise ProtocolError(
-                    ErrorCode.WRONG_DATATYPE, f"input {spec.name!r} is {got}; the model expects {spec.datatype}"
+                    ErrorCode.WRONG_DATATYPE,
+                    f"input {spec.name!r} is {numpy_to_datatype(arr.dtype)}; the model expects {spec.datatype}",
                 )
             if arr.ndim != len(spec.shape) or any(
                 want is not None and got != want for got, want in zip(arr.shape[1:], spec.shape[1:], strict=False)
             ):
                 raise ProtocolError(
                     ErrorCode.WRONG_SHAPE,
-                    f"input {spec.name!r} has shape {list(arr.shape)}; the model expects {spec.describe()} "
+                    f"input {spec.name!r} has shape {clip(list(arr.shape))}; the model expects {spec.describe()} "
                     "(first dimension = rows)",
                 )
-        if request.rows > max_rows:
-            raise ProtocolError(
-                ErrorCode.TOO_MANY_ROWS,
-                f"request has {request.rows} rows; this worker runs at most {max_rows} per batch "
-                "(split the request, or raise --max-batch)",
-            )
+        check_rows(request.rows, max_rows)
         if request.outputs:
             for out in request.outputs:
                 if out not in self.outputs:
                     raise ProtocolError(
                         ErrorCode.UNKNOWN_OUTPUT,
-                        f"model {self.name!r} has no output {out!r}; its outputs are: {', '.join(self.outputs)}",
+                        f"model {self.name!r} has no output {clip(out)}; its outputs are: {', '.join(self.outputs)}",
                     )
         return request
 

@@ -15,12 +15,13 @@ from typing import Any, Protocol
 import numpy as np
 import onnxruntime as ort
 
-from producer.protocol import DATATYPES, InferRequest
+from producer.errors import ProtocolError
+from producer.protocol import DATATYPES, ErrorCode, InferRequest
 from worker.batching import Arrays
 from worker.errors import ModelLoadError
 from worker.settings import Settings
 
-__all__ = ["Pipeline", "TensorSpec", "choose_providers", "open_session", "spec_of"]
+__all__ = ["Pipeline", "TensorSpec", "check_rows", "choose_providers", "open_session", "spec_of"]
 
 # ONNX Runtime's type strings -> OIP datatypes.
 _ORT_TYPES = {
@@ -70,7 +71,8 @@ class Pipeline(Protocol):
         """Check the request against the model and return what :meth:`run` takes for it.
 
         Raises:
-            ProtocolError: with the code and a message a person can act on, when it does not fit.
+            ProtocolError: with the code and a message a person can act on, when it does not fit
+                (a request with 0 rows never fits: ``wrong_shape``, alone or in a batch alike).
         """
 
     def batch_key(self, prepared: Any) -> Hashable:
@@ -84,10 +86,36 @@ class Pipeline(Protocol):
         """Run one batch (blocking; may be called from the model thread) and return outputs per request."""
 
     def warm_up(self, max_rows: int) -> None:
-        """Run the model at the sizes it will see, so the first request pays no start-up cost."""
+        """Run the model at the largest size it accepts: ``max_rows`` rows and, for padded inputs such as
+        text, the longest row it accepts; so the first request pays no start-up cost and the memory the
+        largest batch needs is taken (or found missing) at start."""
 
     def describe(self) -> list[str]:
         """What the worker does with a request, step by step (for ``worker inspect``)."""
+
+
+def check_rows(rows: int, max_rows: int, *, what: str = "rows") -> None:
+    """Refuse a request with no rows or with more than ``max_rows`` rows (one batch).
+
+    A request with 0 rows is refused whether it would run alone or in a batch, so its reply does not
+    depend on its neighbours.
+
+    Args:
+        rows: the request's rows (first dimension).
+        max_rows: the worker's largest batch (``--max-batch``).
+        what: what a row is, for the message ("rows", "texts").
+
+    Raises:
+        ProtocolError: ``wrong_shape`` for 0 rows, ``too_many_rows`` above ``max_rows``.
+    """
+    if rows == 0:
+        raise ProtocolError(ErrorCode.WRONG_SHAPE, f"request has 0 {what} (first dimension 0); send at least one row")
+    if rows > max_rows:
+        raise ProtocolError(
+            ErrorCode.TOO_MANY_ROWS,
+            f"request has {rows} {what}; this worker runs at most {max_rows} per batch "
+            "(split the request, or raise --max-batch)",
+        )
 
 
 def choose_providers(device: str, device_id: int) -> list[Any]:
