@@ -67,7 +67,8 @@ class ErrorCode(enum.StrEnum):
     WRONG_DATATYPE = "wrong_datatype"
     """An input's datatype differs from the model's."""
     WRONG_SHAPE = "wrong_shape"
-    """An input's rank or non-batch dimensions differ from the model's, or inputs disagree on rows."""
+    """An input's rank or non-batch dimensions differ from the model's, inputs disagree on rows, or the request
+    has 0 rows."""
     TOO_MANY_ROWS = "too_many_rows"
     """A request carries more rows than the worker's maximum batch."""
     TEXT_TOO_LONG = "text_too_long"
