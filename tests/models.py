@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 OPSET = 17
 
@@ -87,3 +89,48 @@ def two_io_model(path: Path) -> Path:
         ],
     )
     return _save(graph, path)
+
+
+TEXT_WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "café", "東京"]
+"""The vocabulary of :func:`make_tokenizer` (after [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3)."""
+
+
+def make_tokenizer(path: Path) -> None:
+    """A word-level tokenizer with BERT's special tokens, saved with fixed padding to 16 and truncation at 8."""
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3} | {w: i + 4 for i, w in enumerate(TEXT_WORDS)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]", length=16)
+    tokenizer.enable_truncation(max_length=8)
+    tokenizer.save(str(path))
+
+
+def text_model_folder(folder: Path, *, dim: int = 4, max_length: int = 12) -> Path:
+    """A tiny text-embedding model folder: :func:`make_tokenizer`, a manifest, and an ONNX model whose
+    hidden state is a lookup of each token id (``input_ids`` int64 [N, T] -> ``last_hidden_state`` FP32
+    [N, T, dim]), so a row's embedding does not depend on its batch's padding."""
+    folder.mkdir(parents=True, exist_ok=True)
+    make_tokenizer(folder / "tokenizer.json")
+    vocab = 4 + len(TEXT_WORDS)
+    table = (np.arange(vocab * dim, dtype=np.float32).reshape(vocab, dim) % 7) - 3
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "input_ids"], ["last_hidden_state"], axis=0)],
+        "lookup",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", "T"])],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["N", "T", dim])],
+        initializer=[numpy_helper.from_array(table, "table")],
+    )
+    _save(graph, folder / "model.onnx")
+    manifest = {
+        "format": 1,
+        "pipeline": "text-embedding",
+        "name": "tiny-text",
+        "max_length": max_length,
+        "max_positions": 64,
+        "dim": dim,
+    }
+    (folder / "model.json").write_text(json.dumps(manifest))
+    return folder

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from producer.protocol import InferRequest
-from worker.model import Pipeline
+from worker.session import Pipeline
 
 _VOCABULARY = (
     "the a of to in is was for on that with as by at from this it an be are or which queue worker model batch "

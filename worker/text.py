@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 from tokenizers import Tokenizer
 
-from producer.errors import ProtocolError
+from producer.errors import ProtocolError, clip
 from producer.protocol import ErrorCode, numpy_to_datatype
 from worker.manifest import Manifest, ManifestError, load_manifest
 
@@ -162,40 +162,68 @@ def padded_tokens(lengths: Sequence[int], groups: Sequence[Sequence[int]]) -> in
     return sum(len(g) * max((lengths[i] for i in g), default=0) for g in groups)
 
 
-def texts_from_tensor(array: npt.NDArray[Any], *, name: str = "text") -> list[str]:
+def texts_from_tensor(array: npt.NDArray[Any], *, name: str = "text", max_bytes: int | None = None) -> list[str]:
     """The strings of a BYTES request input: one per row, shape [rows] or [rows, 1].
 
-    Bytes elements are decoded as UTF-8.
+    Bytes elements are decoded as UTF-8. With ``max_bytes``, each text's UTF-8 length is checked
+    before anything else is done with it (a bytes element before it is decoded).
+
+    Args:
+        array: the request input.
+        name: the input's name, for messages.
+        max_bytes: most UTF-8 bytes per text (the worker's ``WORKER_MAX_TEXT_BYTES``), or None for no bound.
 
     Raises:
         ProtocolError: ``wrong_datatype`` for a non-BYTES tensor, ``wrong_shape`` for another shape,
-            ``invalid_tensor`` for an element that is not a string or not valid UTF-8.
+            ``invalid_tensor`` for an element that is not a string or not valid UTF-8 (or Unicode that
+            cannot be UTF-8, such as a lone surrogate), ``text_too_long`` for a text over ``max_bytes``.
     """
     if array.dtype.kind != "O":
         raise ProtocolError(
             ErrorCode.WRONG_DATATYPE,
-            f"input {name!r} must be BYTES (one string per row), got {numpy_to_datatype(array.dtype)}",
+            f"input {clip(name)} must be BYTES (one string per row), got {numpy_to_datatype(array.dtype)}",
         )
     if array.ndim == 2 and array.shape[1] == 1:
         array = array[:, 0]
     if array.ndim != 1:
         raise ProtocolError(
-            ErrorCode.WRONG_SHAPE, f"input {name!r} must have shape [rows] or [rows, 1], got {list(array.shape)}"
+            ErrorCode.WRONG_SHAPE,
+            f"input {clip(name)} must have shape [rows] or [rows, 1], got {clip(list(array.shape))}",
         )
     texts: list[str] = []
     for row, item in enumerate(array.tolist()):
         if isinstance(item, str):
+            if item.isascii():
+                size = len(item)
+            else:
+                try:
+                    size = len(item.encode("utf-8"))
+                except UnicodeEncodeError as e:
+                    raise ProtocolError(
+                        ErrorCode.INVALID_TENSOR, f"input {clip(name)} row {row}: not valid Unicode: {e.reason}"
+                    ) from e
+            _check_text_size(size, max_bytes, name, row)
             texts.append(item)
         elif isinstance(item, bytes):
+            _check_text_size(len(item), max_bytes, name, row)
             try:
                 texts.append(item.decode("utf-8"))
             except UnicodeDecodeError as e:
-                raise ProtocolError(ErrorCode.INVALID_TENSOR, f"input {name!r} row {row}: not UTF-8: {e}") from e
+                raise ProtocolError(ErrorCode.INVALID_TENSOR, f"input {clip(name)} row {row}: not UTF-8: {e}") from e
         else:
             raise ProtocolError(
-                ErrorCode.INVALID_TENSOR, f"input {name!r} row {row}: expected a string, got {type(item).__name__}"
+                ErrorCode.INVALID_TENSOR, f"input {clip(name)} row {row}: expected a string, got {type(item).__name__}"
             )
     return texts
+
+
+def _check_text_size(size: int, max_bytes: int | None, name: str, row: int) -> None:
+    if max_bytes is not None and size > max_bytes:
+        raise ProtocolError(
+            ErrorCode.TEXT_TOO_LONG,
+            f"input {clip(name)} row {row}: text is {size} bytes (UTF-8); this worker accepts at most {max_bytes} "
+            "(shorten or split the text, or raise WORKER_MAX_TEXT_BYTES)",
+        )
 
 
 def load_tokenizer(path: Path | str, *, max_length: int) -> tuple[Tokenizer, int]:

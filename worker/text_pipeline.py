@@ -15,13 +15,16 @@ from typing import Any
 
 import numpy as np
 
-from producer.errors import ProtocolError
+from producer.errors import ProtocolError, clip
 from producer.protocol import ErrorCode, InferRequest
 from worker.batching import Arrays
 from worker.manifest import ManifestError, load_manifest
-from worker.model import TensorSpec, open_session
+from worker.session import TensorSpec, check_rows, open_session
 from worker.settings import Settings
 from worker.text import IdArray, TextPipeline, texts_from_tensor
+
+DEFAULT_MAX_TEXT_BYTES = Settings.max_text_bytes
+"""Most UTF-8 bytes per text when no bound is given (the default of ``WORKER_MAX_TEXT_BYTES``)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -35,8 +38,20 @@ class Tokenized:
 class TextEmbeddingPipeline:
     """The worker's pipeline for a ``text-embedding`` model folder (see ``worker.manifest``)."""
 
-    def __init__(self, text: TextPipeline, session: Any, *, group_by_length: bool) -> None:
+    def __init__(
+        self, text: TextPipeline, session: Any, *, group_by_length: bool, max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES
+    ) -> None:
+        """Serve ``text`` (tokenizer, padding, pooling) with the ONNX Runtime ``session`` of its model.
+
+        Args:
+            text: the model folder's text pipeline.
+            session: an ONNX Runtime session of the model (see :func:`worker.session.open_session`).
+            group_by_length: let the batcher put texts of similar token length together.
+            max_text_bytes: most UTF-8 bytes per text, checked before tokenizing (``WORKER_MAX_TEXT_BYTES``,
+                default 64 KiB); a longer text gets ``text_too_long``.
+        """
         self.text = text
+        self.max_text_bytes = max_text_bytes
         self.session = session
         manifest = text.manifest
         self.name = manifest.name
@@ -67,28 +82,34 @@ class TextEmbeddingPipeline:
             )
         except ManifestError:
             raise
-        pipeline = cls(text, session, group_by_length=settings.group_by_length)
+        pipeline = cls(text, session, group_by_length=settings.group_by_length, max_text_bytes=settings.max_text_bytes)
         if settings.model_name:
             pipeline.name = settings.model_name
         return pipeline
 
     def prepare(self, request: InferRequest, *, max_rows: int) -> Tokenized:
+        """Check a request's texts and tokenize them.
+
+        Every text's UTF-8 length is checked against ``max_text_bytes`` before any text is tokenized.
+
+        Raises:
+            ProtocolError: ``unknown_input``, ``missing_input``, ``wrong_datatype``, ``wrong_shape`` (also for
+                0 texts), ``invalid_tensor``, ``too_many_rows``, ``text_too_long`` or ``unknown_output``.
+        """
         name = self.text.text_input
         unknown = [n for n in request.inputs if n != name]
         if unknown:
             raise ProtocolError(
                 ErrorCode.UNKNOWN_INPUT,
-                f"model {self.name!r} takes one input, {name!r} (BYTES, one string per row); got {unknown[0]!r}",
+                f"model {self.name!r} takes one input, {name!r} (BYTES, one string per row); got {clip(unknown[0])}",
             )
         if name not in request.inputs:
             raise ProtocolError(ErrorCode.MISSING_INPUT, f"input {name!r} (BYTES, one string per row) is missing")
-        texts = texts_from_tensor(request.inputs[name], name=name)
-        if len(texts) > max_rows:
-            raise ProtocolError(
-                ErrorCode.TOO_MANY_ROWS,
-                f"request has {len(texts)} texts; this worker embeds at most {max_rows} per batch "
-                "(split the request, or raise --max-batch)",
-            )
+        array = request.inputs[name]
+        if array.ndim:  # the row count is known before any text is read
+            check_rows(int(array.shape[0]), max_rows, what="texts")
+        texts = texts_from_tensor(array, name=name, max_bytes=self.max_text_bytes)
+        check_rows(len(texts), max_rows, what="texts")
         if request.outputs and any(o != self.text.output for o in request.outputs):
             raise ProtocolError(ErrorCode.UNKNOWN_OUTPUT, f"model {self.name!r} has one output, {self.text.output!r}")
         rows = self.text.tokenize(texts)
@@ -111,10 +132,12 @@ class TextEmbeddingPipeline:
         return [{self.text.output: part} for part in np.split(vectors, bounds)]
 
     def warm_up(self, max_rows: int) -> None:
-        for rows, words in ((1, 4), (max_rows, 24)):
-            texts = np.array(["warm up " * words] * rows, dtype=object)
-            request = InferRequest(id="warm-up", inputs={self.text.text_input: texts})
-            self.run([self.prepare(request, max_rows=max_rows)])
+        """Run one short text, then ``max_rows`` texts of the longest length accepted (``max_length`` tokens), so
+        the largest batch's memory is taken at start."""
+        short = self.text.tokenize(["warm up"])
+        longest = self.text.tokenize(["warm up " * self.text.max_length])[0]  # truncated at max_length tokens
+        for rows in (short, [longest] * max_rows):
+            self.run([Tokenized(rows, max(len(r) for r in rows))])
 
     def describe(self) -> list[str]:
         """What the worker does with a request, step by step (for ``worker inspect``)."""

@@ -20,7 +20,8 @@ import numpy as np
 import worker.runner
 from producer.protocol import InferRequest
 from worker.cli import main
-from worker.model import Pipeline, load_pipeline
+from worker.model import load_pipeline
+from worker.session import Pipeline
 from worker.settings import Settings
 
 CRASH_ENV = "CHAOS_CRASH_ON"

@@ -8,7 +8,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from producer.errors import ProtocolError
+from producer.errors import CLIP_CHARS, ProtocolError, clip
 from producer.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK
 from producer.protocol import (
     DATATYPES,
@@ -162,3 +162,126 @@ def test_msgpack_numeric_data_travels_as_raw_little_endian_bytes() -> None:
     arr = np.array([[1.0, 2.0]], dtype=np.float32)
     wire = msgspec.msgpack.decode(encode_request({"x": arr}, CONTENT_TYPE_MSGPACK))
     assert wire["inputs"][0]["data"] == arr.astype("<f4").tobytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile bodies: only ProtocolError comes out, and messages stay short
+
+
+DEEP = b"[" * 5000 + b"]" * 5000  # deeper than the decoder's recursion allows
+
+
+def _json_tensor(name: str, datatype: str, shape: list[int], data: object) -> bytes:
+    return json.dumps({"inputs": [{"name": name, "datatype": datatype, "shape": shape, "data": data}]}).encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "code"),
+    [
+        (_json_tensor("x", "FP32", [0, 4611686018427387904], []), CONTENT_TYPE_JSON, ErrorCode.INVALID_TENSOR),
+        (_json_tensor("x", "FP32", [2**40, 2**40], [1.0]), CONTENT_TYPE_JSON, ErrorCode.INVALID_TENSOR),
+        (_json_tensor("x", "FP32", [1] * 40, [1.0]), CONTENT_TYPE_JSON, ErrorCode.INVALID_TENSOR),
+        (b'{"inputs": [' + DEEP + b"]}", CONTENT_TYPE_JSON, ErrorCode.BAD_ENCODING),
+        (
+            b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": '
+            + b"[" * 5000
+            + b"]" * 5000
+            + b"}]}",
+            CONTENT_TYPE_JSON,
+            ErrorCode.BAD_ENCODING,
+        ),
+        (
+            msgspec.msgpack.encode({"inputs": [], "id": "x"}).replace(b"\xa1x", b"\xa1\xff"),
+            CONTENT_TYPE_MSGPACK,
+            ErrorCode.BAD_ENCODING,
+        ),
+        (
+            msgspec.msgpack.encode(
+                {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": b"\0" * 4}]}
+            ).replace(b"\xa1x", b"\xa1\xc3"),
+            CONTENT_TYPE_MSGPACK,
+            ErrorCode.BAD_ENCODING,
+        ),
+        (
+            msgspec.msgpack.encode(
+                {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [msgspec.msgpack.Ext(5, b"a")]}]}
+            ),
+            CONTENT_TYPE_MSGPACK,
+            ErrorCode.BAD_ENCODING,
+        ),
+        (_json_tensor("x", "INT8", [1], [1.5]), CONTENT_TYPE_JSON, ErrorCode.INVALID_TENSOR),
+        (_json_tensor("x", "INT8", [1], [300]), CONTENT_TYPE_JSON, ErrorCode.INVALID_TENSOR),
+        (_json_tensor("x", "UINT64", [2], [2**64 - 1, -1]), CONTENT_TYPE_JSON, ErrorCode.INVALID_TENSOR),
+        (_json_tensor("x", "FP32", [1], ["1.5"]), CONTENT_TYPE_JSON, ErrorCode.INVALID_TENSOR),
+        (_json_tensor("x", "FP32", [1], ["inf"]), CONTENT_TYPE_JSON, ErrorCode.INVALID_TENSOR),
+        (_json_tensor("x", "FP16", [1], [1e300]), CONTENT_TYPE_JSON, ErrorCode.INVALID_TENSOR),
+        (_json_tensor("x", "BOOL", [2], [1, 0]), CONTENT_TYPE_JSON, ErrorCode.INVALID_TENSOR),
+        (_json_tensor("x", "FP32", [2], [[1.0], [2.0, 3.0]]), CONTENT_TYPE_JSON, ErrorCode.INVALID_TENSOR),
+        (_json_tensor("x", "FP32", [1], [None]), CONTENT_TYPE_JSON, ErrorCode.INVALID_TENSOR),
+        (_json_tensor("x", "BYTES", [1], [{"a": 1}]), CONTENT_TYPE_JSON, ErrorCode.INVALID_TENSOR),
+        (_json_tensor("x", "BYTES", [1], [[[[["a"]]]]]), CONTENT_TYPE_JSON, None),
+        (_json_tensor("x", "BYTES", [1], "a"), CONTENT_TYPE_JSON, ErrorCode.INVALID_TENSOR),
+    ],
+)
+def test_hostile_bodies_raise_only_protocol_errors(body: bytes, content_type: str, code: ErrorCode | None) -> None:
+    if code is None:  # accepted: nested BYTES lists are flattened
+        assert decode_request(body, content_type).inputs["x"].tolist() == ["a"]
+        return
+    with pytest.raises(ProtocolError) as caught:
+        decode_request(body, content_type)
+    assert caught.value.code == code
+    assert len(caught.value.message) < 500
+
+
+def test_a_huge_input_name_is_echoed_clipped() -> None:
+    name = "\0" * 2_000_000
+    with pytest.raises(ProtocolError) as caught:
+        decode_request(_json_tensor(name, "FP99", [1], [1]), CONTENT_TYPE_JSON)
+    assert len(caught.value.message) < 600
+    assert "2000000 characters" in caught.value.message
+
+
+def test_clip_bounds_every_kind_of_value() -> None:
+    assert clip("name") == "'name'"
+    assert clip([1, 2]) == "[1, 2]"
+    for value in ("x" * 10**6, b"x" * 10**6, list(range(10**5)), [["y" * 10**5] * 100] * 100, {"k" * 10**5: 1}):
+        assert len(clip(value)) <= CLIP_CHARS + 30
+
+
+def test_zero_size_tensors_keep_their_shape() -> None:
+    request = decode_request(_json_tensor("x", "FP32", [0, 3], []), CONTENT_TYPE_JSON)
+    assert request.inputs["x"].shape == (0, 3)
+    assert request.rows == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite floats in JSON
+
+NON_FINITE_VALUES = np.array([[np.nan, np.inf], [-np.inf, -0.5]])
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64"])
+@pytest.mark.parametrize("content_type", ENCODINGS)
+def test_non_finite_floats_round_trip_in_replies(datatype: str, content_type: str) -> None:
+    values = NON_FINITE_VALUES.astype(DATATYPES[datatype])
+    reply = decode_reply(encode_reply("r", {"y": values}, content_type, model_name="m"), content_type)
+    assert isinstance(reply, InferReply)
+    assert reply.outputs["y"].dtype == values.dtype
+    np.testing.assert_array_equal(reply.outputs["y"], values)
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64"])
+def test_non_finite_floats_round_trip_in_json_requests(datatype: str) -> None:
+    values = NON_FINITE_VALUES.astype(DATATYPES[datatype])
+    request = decode_request(encode_request({"x": values}, CONTENT_TYPE_JSON), CONTENT_TYPE_JSON)
+    np.testing.assert_array_equal(request.inputs["x"], values)
+
+
+def test_json_writes_non_finite_floats_as_protobuf_json_strings() -> None:
+    body = encode_reply("1", {"y": np.array([np.nan, np.inf, -np.inf, 2.0])}, CONTENT_TYPE_JSON, model_name="m")
+    assert json.loads(body)["outputs"][0]["data"] == ["NaN", "Infinity", "-Infinity", 2.0]
+
+
+def test_json_requests_may_mix_numbers_and_non_finite_strings() -> None:
+    request = decode_request(_json_tensor("x", "FP32", [2, 2], [[1, "NaN"], ["-Infinity", 2.5]]), CONTENT_TYPE_JSON)
+    np.testing.assert_array_equal(request.inputs["x"], np.array([[1, np.nan], [-np.inf, 2.5]], dtype=np.float32))

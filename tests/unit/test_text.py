@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from producer.errors import ProtocolError
 from producer.protocol import ErrorCode
+from tests.models import make_tokenizer
 from worker.manifest import MANIFEST_FILE, ManifestError
 from worker.text import (
     TextPipeline,
@@ -30,22 +30,8 @@ from worker.text import (
     token_counts,
 )
 
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "café", "東京"]
 PAD, UNK, CLS, SEP = 0, 1, 2, 3
 DIM = 4
-
-
-def make_tokenizer(path: Path) -> None:
-    """A word-level tokenizer with BERT's special tokens, saved with fixed padding to 16 and truncation at 8."""
-    vocab = {"[PAD]": PAD, "[UNK]": UNK, "[CLS]": CLS, "[SEP]": SEP} | {w: i + 4 for i, w in enumerate(WORDS)}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", CLS), ("[SEP]", SEP)]
-    )
-    tokenizer.enable_padding(pad_id=PAD, pad_token="[PAD]", length=16)
-    tokenizer.enable_truncation(max_length=8)
-    tokenizer.save(str(path))
 
 
 @pytest.fixture

@@ -1,0 +1,184 @@
+"""The pipelines' request checks on real ONNX Runtime sessions of tiny models: zero-row requests, text
+byte bounds, clipped echoes, and outputs that do not depend on a request's batch neighbours."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from producer.errors import CLIP_CHARS, ProtocolError
+from producer.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK
+from producer.protocol import ErrorCode, InferRequest, decode_request, encode_request
+from tests.models import affine_model, text_model_folder
+from worker.model import TensorPipeline, load_pipeline
+from worker.settings import Settings
+from worker.text_pipeline import TextEmbeddingPipeline
+
+MAX_ROWS = 8
+
+
+@pytest.fixture(scope="module")
+def tensor_pipeline(tmp_path_factory: pytest.TempPathFactory) -> TensorPipeline:
+    model = affine_model(tmp_path_factory.mktemp("affine") / "affine.onnx")
+    return TensorPipeline.load(model, Settings(model=model))
+
+
+@pytest.fixture(scope="module")
+def text_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return text_model_folder(tmp_path_factory.mktemp("text"))
+
+
+@pytest.fixture
+def text_pipeline(text_folder: Path) -> TextEmbeddingPipeline:
+    pipeline = load_pipeline(Settings(model=text_folder, max_text_bytes=64))
+    assert isinstance(pipeline, TextEmbeddingPipeline)
+    return pipeline
+
+
+def texts(*items: Any) -> npt.NDArray[Any]:
+    array = np.empty(len(items), dtype=object)
+    array[:] = list(items)
+    return array
+
+
+def text_request(*items: Any) -> InferRequest:
+    return InferRequest(id="t", inputs={"text": texts(*items)})
+
+
+# ---------------------------------------------------------------------------------------------
+# Zero rows: refused with wrong_shape, whatever the batch would have been
+
+
+@pytest.mark.parametrize("content_type", [CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK])
+def test_a_tensor_request_with_zero_rows_is_refused(tensor_pipeline: TensorPipeline, content_type: str) -> None:
+    body = encode_request({"x": np.zeros((0, 4), dtype=np.float32)}, content_type)
+    with pytest.raises(ProtocolError) as caught:
+        tensor_pipeline.prepare(decode_request(body, content_type), max_rows=MAX_ROWS)
+    assert caught.value.code == ErrorCode.WRONG_SHAPE
+    assert "0 rows" in caught.value.message
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 1)])
+def test_a_text_request_with_zero_texts_is_refused(text_pipeline: TextEmbeddingPipeline, shape: tuple[int]) -> None:
+    request = InferRequest(id="t", inputs={"text": np.empty(shape, dtype=object)})
+    with pytest.raises(ProtocolError) as caught:
+        text_pipeline.prepare(request, max_rows=MAX_ROWS)
+    assert caught.value.code == ErrorCode.WRONG_SHAPE
+    assert "0 texts" in caught.value.message
+
+
+def test_tensor_outputs_are_the_same_alone_and_batched(tensor_pipeline: TensorPipeline) -> None:
+    rng = np.random.default_rng(0)
+    requests = [
+        tensor_pipeline.prepare(
+            InferRequest(id=str(n), inputs={"x": rng.standard_normal((n, 4)).astype(np.float32)}), max_rows=MAX_ROWS
+        )
+        for n in (1, 3, 2)
+    ]
+    batched = tensor_pipeline.run(requests)
+    for request, together in zip(requests, batched, strict=True):
+        [alone] = tensor_pipeline.run([request])
+        assert together["y"].shape == (request.rows, 4)
+        np.testing.assert_array_equal(together["y"], alone["y"])
+
+
+def test_text_outputs_are_the_same_alone_and_batched(text_pipeline: TextEmbeddingPipeline) -> None:
+    prepared = [
+        text_pipeline.prepare(text_request(*items), max_rows=MAX_ROWS)
+        for items in (["the fox"], ["the quick brown fox jumps", "dog"], ["café 東京"])
+    ]
+    batched = text_pipeline.run(prepared)
+    for request, together in zip(prepared, batched, strict=True):
+        [alone] = text_pipeline.run([request])
+        assert together["embedding"].shape == (len(request.rows), 4)
+        np.testing.assert_allclose(together["embedding"], alone["embedding"], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text byte bound
+
+
+def test_load_takes_the_text_byte_bound_from_settings(text_folder: Path) -> None:
+    bounded = TextEmbeddingPipeline.load(text_folder, Settings(model=text_folder, max_text_bytes=100))
+    assert bounded.max_text_bytes == 100
+    assert TextEmbeddingPipeline.load(text_folder, Settings(model=text_folder)).max_text_bytes == 64 * 1024
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        "x" * 65,
+        "é" * 33,  # 33 characters, 66 bytes
+        ("x" * 65).encode(),
+    ],
+)
+def test_a_text_over_the_byte_bound_is_refused_before_tokenizing(
+    text_pipeline: TextEmbeddingPipeline, monkeypatch: pytest.MonkeyPatch, item: str | bytes
+) -> None:
+    tokenized: list[object] = []
+    tokenize = text_pipeline.text.tokenize
+
+    def recording_tokenize(items: list[str]) -> object:
+        tokenized.append(items)
+        return tokenize(items)
+
+    monkeypatch.setattr(text_pipeline.text, "tokenize", recording_tokenize)
+    with pytest.raises(ProtocolError) as caught:
+        text_pipeline.prepare(text_request("the fox", item), max_rows=MAX_ROWS)
+    assert caught.value.code == ErrorCode.TEXT_TOO_LONG
+    assert "row 1" in caught.value.message
+    assert "64" in caught.value.message
+    assert "WORKER_MAX_TEXT_BYTES" in caught.value.message
+    assert tokenized == []
+
+
+def test_a_text_at_the_byte_bound_is_accepted(text_pipeline: TextEmbeddingPipeline) -> None:
+    prepared = text_pipeline.prepare(text_request("x" * 64, "é" * 32), max_rows=MAX_ROWS)
+    assert len(prepared.rows) == 2
+
+
+def test_a_lone_surrogate_is_an_invalid_tensor(text_pipeline: TextEmbeddingPipeline) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        text_pipeline.prepare(text_request("fox \ud800"), max_rows=MAX_ROWS)
+    assert caught.value.code == ErrorCode.INVALID_TENSOR
+
+
+def test_warm_up_runs_max_rows_of_the_longest_text(text_pipeline: TextEmbeddingPipeline) -> None:
+    shapes: list[tuple[int, ...]] = []
+    session = text_pipeline.session
+
+    class Recording:
+        def run(self, names: list[str], feeds: dict[str, npt.NDArray[Any]]) -> Any:
+            shapes.append(feeds["input_ids"].shape)
+            return session.run(names, feeds)
+
+    text_pipeline.session = Recording()
+    text_pipeline.warm_up(MAX_ROWS)
+    assert max(shapes) == (MAX_ROWS, text_pipeline.text.max_length)
+
+
+# ---------------------------------------------------------------------------------------------
+# Echoed input is clipped
+
+
+def test_a_huge_unknown_input_name_is_echoed_clipped(
+    tensor_pipeline: TensorPipeline, text_pipeline: TextEmbeddingPipeline
+) -> None:
+    name = "\0" * 1_000_000
+    for pipeline, value in ((tensor_pipeline, np.zeros((1, 4), dtype=np.float32)), (text_pipeline, texts("a"))):
+        with pytest.raises(ProtocolError) as caught:
+            pipeline.prepare(InferRequest(id="t", inputs={name: value}), max_rows=MAX_ROWS)
+        assert caught.value.code == ErrorCode.UNKNOWN_INPUT
+        assert len(caught.value.message) < 3 * CLIP_CHARS + 200
+
+
+def test_a_huge_unknown_output_name_is_echoed_clipped(tensor_pipeline: TensorPipeline) -> None:
+    request = InferRequest(id="t", inputs={"x": np.zeros((1, 4), dtype=np.float32)}, outputs=["y" * 1_000_000])
+    with pytest.raises(ProtocolError) as caught:
+        tensor_pipeline.prepare(request, max_rows=MAX_ROWS)
+    assert caught.value.code == ErrorCode.UNKNOWN_OUTPUT
+    assert len(caught.value.message) < 2 * CLIP_CHARS + 200
