@@ -30,7 +30,7 @@ from bench.driver import consumer_process, delete_queues, drive
 from producer.names import CONTENT_TYPE_MSGPACK
 from producer.protocol import encode_request
 from tests.models import mlp_model
-from tests.workers import worker_command
+from tests.worker_process import worker_command
 
 KINDS = ("worker", "echo", "unbatched")
 

@@ -28,7 +28,7 @@ import structlog
 from bench.driver import AMQP_URL, ROOT, consumer_process, delete_queues
 from producer.bulk import BulkJob, BulkOptions
 from tests.models import affine_model
-from tests.workers import worker_command
+from tests.worker_process import worker_command
 
 TEXT_MODEL = ROOT / "models" / "all-MiniLM-L6-v2"
 WARM_UP_ROWS = 1000

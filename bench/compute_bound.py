@@ -31,7 +31,7 @@ from bench.driver import consumer_process, delete_queues, drive
 from bench.text_inprocess import make_texts
 from producer.names import CONTENT_TYPE_MSGPACK
 from producer.protocol import InferRequest, encode_request
-from tests.workers import worker_command
+from tests.worker_process import worker_command
 from worker.settings import Settings
 from worker.text import group_by_length
 from worker.text_pipeline import TextEmbeddingPipeline

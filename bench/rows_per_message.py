@@ -33,7 +33,7 @@ from bench.driver import consumer_process, delete_queues, drive
 from producer.names import CONTENT_TYPE_MSGPACK
 from producer.protocol import decode_request, encode_reply, encode_request
 from tests.models import mlp_model
-from tests.workers import worker_command
+from tests.worker_process import worker_command
 
 
 def in_process_rows_per_s(session: ort.InferenceSession, bodies: list[bytes], rows: int, batch: int) -> float:
