@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 
@@ -51,7 +52,7 @@ async def serve(kind: str, queue_name: str, model: str | None, prefetch: int) ->
     await queue.consume(on_message)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    print("ready", flush=True)
+    print(json.dumps({"event": "ready", "kind": kind, "queue": queue_name}), flush=True)
     await stop.wait()
     await consume_conn.close()
     await publish_conn.close()

@@ -19,18 +19,17 @@ import argparse
 import asyncio
 import contextlib
 import statistics
-import sys
 import tempfile
 import uuid
 from pathlib import Path
 
 import numpy as np
 
-from bench.driver import consumer_process, delete_queues, drive
+from bench.driver import AMQP_URL, baseline, delete_queues, drive
 from producer.names import CONTENT_TYPE_MSGPACK
 from producer.protocol import encode_request
 from tests.models import mlp_model
-from tests.workers import worker_command
+from tests.worker_process import WorkerProcess
 
 KINDS = ("worker", "echo", "unbatched")
 
@@ -47,31 +46,21 @@ async def main(args: argparse.Namespace) -> None:
     single: dict[str, list[tuple[float, float]]] = {k: [] for k in KINDS}
     with tempfile.TemporaryDirectory() as tmp:
         model = mlp_model(Path(tmp) / "mlp.onnx", width=256, hidden=256, layers=3)
-        baseline = [sys.executable, "-m", "bench.baselines"]
-        argvs = {
-            "worker": worker_command(
+        consumers = {
+            "worker": WorkerProcess(
+                AMQP_URL,
                 model,
                 queues["worker"],
                 *("--max-batch", str(args.max_batch), "--prefetch", str(args.window)),
                 *args.worker_args.split(),
             ),
-            "echo": [*baseline, "echo", "--queue", queues["echo"], "--prefetch", str(args.window)],
-            "unbatched": [
-                *baseline,
-                "unbatched",
-                "--queue",
-                queues["unbatched"],
-                "--model",
-                str(model),
-                "--prefetch",
-                str(args.window),
-            ],
+            "echo": baseline("echo", queues["echo"], prefetch=args.window),
+            "unbatched": baseline("unbatched", queues["unbatched"], prefetch=args.window, model=model),
         }
-        markers = {"worker": "worker_started", "echo": "ready", "unbatched": "ready"}
         try:
             async with contextlib.AsyncExitStack() as stack:
                 for kind in KINDS:
-                    await stack.enter_async_context(consumer_process(argvs[kind], markers[kind]))
+                    await stack.enter_async_context(consumers[kind])
                 for kind in KINDS:  # warm-up
                     await drive(queues[kind], bodies[:300], content_type=CONTENT_TYPE_MSGPACK, window=args.window)
                 for round_no in range(1, args.rounds + 1):

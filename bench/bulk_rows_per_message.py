@@ -25,12 +25,12 @@ from pathlib import Path
 
 import structlog
 
-from bench.driver import AMQP_URL, ROOT, consumer_process, delete_queues
+from bench.driver import AMQP_URL, ROOT, delete_queues
 from producer.bulk import BulkJob, BulkOptions
 from producer.bulk_auth import state_path
 from producer.names import results_queue
 from tests.models import affine_model
-from tests.workers import worker_command
+from tests.worker_process import WorkerProcess
 
 TEXT_MODEL = ROOT / "models" / "all-MiniLM-L6-v2"
 WARM_UP_ROWS = 1000
@@ -82,7 +82,7 @@ async def measure(
     queue = f"bench.bulk.{uuid.uuid4().hex[:8]}"
     rates: dict[int, list[float]] = {n: [] for n in settings}
     try:
-        async with consumer_process(worker_command(model, queue, "--max-batch", "64"), "worker_started"):
+        async with WorkerProcess(AMQP_URL, model, queue, "--max-batch", "64"):
             warm_up = input_path.with_suffix(".warm-up.jsonl")
             with input_path.open() as source, warm_up.open("w") as head:
                 head.writelines(line for _, line in zip(range(WARM_UP_ROWS), source, strict=False))

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.driver import consumer_process, delete_queues, drive
+from bench.driver import AMQP_URL, delete_queues, drive
 from bench.text_inprocess import make_texts
 from producer.names import CONTENT_TYPE_MSGPACK
 from producer.protocol import InferRequest, encode_request
-from tests.workers import worker_command
+from tests.worker_process import WorkerProcess
 from worker.settings import Settings
 from worker.text import group_by_length
 from worker.text_pipeline import TextEmbeddingPipeline
@@ -68,14 +68,14 @@ async def main(args: argparse.Namespace) -> None:
     inproc: list[float] = []
     e2e: dict[str, list[float]] = {k: [] for k in queues}
     common = ["--max-batch", str(best), "--prefetch", str(args.window)]
-    argvs = {
-        "worker": worker_command(model, queues["worker"], *common),
-        "ungrouped": worker_command(model, queues["ungrouped"], *common, "--no-group-by-length"),
-    }
+    workers = [
+        WorkerProcess(AMQP_URL, model, queues["worker"], *common),
+        WorkerProcess(AMQP_URL, model, queues["ungrouped"], *common, "--no-group-by-length"),
+    ]
     try:
         async with contextlib.AsyncExitStack() as stack:
-            for argv in argvs.values():
-                await stack.enter_async_context(consumer_process(argv, "worker_started"))
+            for process in workers:
+                await stack.enter_async_context(process)
             for queue in queues.values():  # warm-up
                 await drive(queue, bodies[:128], content_type=CONTENT_TYPE_MSGPACK, window=args.window)
             for round_no in range(1, args.rounds + 1):

@@ -1,6 +1,7 @@
 """The load driver shared by the benchmarks: one aio-pika client, N requests, W in flight.
 
-Also starts and stops the consumer processes under test, each on its own queue.
+The consumer processes under test, each on its own queue, start through :mod:`tests.worker_process`
+(``WorkerProcess`` for the worker, :func:`baseline` for the consumers it is measured against).
 """
 
 from __future__ import annotations
@@ -8,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import aio_pika
 import numpy as np
 
 from producer.names import DEFAULT_AMQP_URL, DIRECT_REPLY_TO, HEADER_PUBLISHED_MS, dead_letter_queue
+from tests.worker_process import LoggedProcess, child_env
 
 AMQP_URL = os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,29 +94,19 @@ async def drive(
     return RunResult(len(bodies), elapsed, latencies, replies)
 
 
-@contextlib.asynccontextmanager
-async def consumer_process(argv: Sequence[str], ready_marker: str) -> AsyncIterator[asyncio.subprocess.Process]:
-    """Start a consumer process, wait until it prints ``ready_marker``, SIGTERM it on exit."""
-    env = {**os.environ, "AMQP_URL": AMQP_URL, "PYTHONPATH": str(ROOT)}
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env, cwd=ROOT
-    )
-    assert proc.stdout is not None
-    lines: list[str] = []
-    while True:
-        line = (await proc.stdout.readline()).decode()
-        if not line:
-            raise RuntimeError(f"{argv[0]} exited before it was ready:\n" + "".join(lines[-20:]))
-        lines.append(line)
-        if ready_marker in line:
-            break
-    drain = asyncio.create_task(proc.stdout.read())
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        await asyncio.wait_for(proc.wait(), 60)
-        await drain
+def baseline(kind: str, queue: str, *, prefetch: int, model: Path | None = None) -> LoggedProcess:
+    """A :mod:`bench.baselines` consumer process (not started) on ``queue``; ready once it logs ``ready``.
+
+    Args:
+        kind: ``echo`` or ``unbatched``.
+        queue: request queue it declares and consumes.
+        prefetch: its prefetch window (messages).
+        model: the ONNX model (``unbatched`` only).
+    """
+    command = [sys.executable, "-m", "bench.baselines", kind, "--queue", queue, "--prefetch", str(prefetch)]
+    if model is not None:
+        command += ["--model", str(model)]
+    return LoggedProcess(command, env=child_env(AMQP_URL), name=f"{kind} baseline", ready_event="ready")
 
 
 async def delete_queues(*names: str) -> None:

@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from bench.driver import consumer_process, delete_queues, drive
+from bench.driver import AMQP_URL, baseline, delete_queues, drive
 from producer.names import CONTENT_TYPE_MSGPACK
 from producer.protocol import decode_request, encode_reply, encode_request
 from tests.models import mlp_model
-from tests.workers import worker_command
+from tests.worker_process import WorkerProcess
 
 
 def in_process_rows_per_s(session: ort.InferenceSession, bodies: list[bytes], rows: int, batch: int) -> float:
@@ -66,15 +66,14 @@ async def main(args: argparse.Namespace) -> None:
         options = ort.SessionOptions()
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-        argv = worker_command(model, queue, "--max-batch", str(args.max_batch), "--prefetch", str(args.window))
-        echo_argv = [
-            *(sys.executable, "-m", "bench.baselines", "echo"),
-            *("--queue", echo_queue, "--prefetch", str(args.window)),
-        ]
+        worker_consumer = WorkerProcess(
+            AMQP_URL, model, queue, *("--max-batch", str(args.max_batch), "--prefetch", str(args.window))
+        )
+        echo_consumer = baseline("echo", echo_queue, prefetch=args.window)
         try:
             async with contextlib.AsyncExitStack() as stack:
-                await stack.enter_async_context(consumer_process(argv, "worker_started"))
-                await stack.enter_async_context(consumer_process(echo_argv, "ready"))
+                await stack.enter_async_context(worker_consumer)
+                await stack.enter_async_context(echo_consumer)
                 for q in (queue, echo_queue):
                     await drive(q, bodies[:200], content_type=CONTENT_TYPE_MSGPACK, window=args.window)
                 for round_no in range(1, args.rounds + 1):

@@ -1,10 +1,12 @@
-"""Test helpers: an in-process worker, and an RPC client that publishes many requests at once."""
+"""Test helpers: an in-process worker, and an RPC client that publishes many requests at once.
+
+Worker processes start through :mod:`tests.worker_process`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -19,12 +21,6 @@ from producer.protocol import ErrorReply, InferReply, decode_reply
 from worker.consumer import Worker
 from worker.model import load_pipeline
 from worker.settings import Settings
-
-
-def worker_command(model: Path, queue: str, *extra: str) -> list[str]:
-    """``worker run`` on ``model`` and ``queue`` as a subprocess command: JSON logs, no HTTP server."""
-    command = [sys.executable, "-m", "worker.cli", "run", "--model", str(model), "--queue", queue]
-    return [*command, "--http-port", "0", "--log-format", "json", *extra]
 
 
 @contextlib.asynccontextmanager

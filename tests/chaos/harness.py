@@ -42,7 +42,6 @@ from typing import Any
 from urllib.parse import urlparse, urlunparse
 
 import aio_pika
-import aiohttp
 import numpy as np
 
 from producer.names import (
@@ -55,13 +54,11 @@ from producer.names import (
     results_queue,
 )
 from producer.protocol import ErrorReply, decode_reply, encode_request
+from tests.worker_process import WorkerProcess
 
-REPO = Path(__file__).resolve().parents[2]
-WORKER_BIN = Path(sys.executable).parent / "worker"
 CHAOS_VHOST = "qinfer-chaos"
 CRASH_VALUE = 666.0
 POISON_VALUE = 1000.0
-READY_TIMEOUT_S = 60.0
 BROKER_RESTART = "broker_restart"
 
 
@@ -361,105 +358,7 @@ class Client:
 
 
 # ---------------------------------------------------------------------------------------------
-# Worker processes
-
-
-class WorkerProcess:
-    """One ``worker run`` process, its log (JSON lines) and its HTTP endpoints."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path, http: aiohttp.ClientSession):
-        self.name = name
-        self.argv = argv
-        self.env = env
-        self.log_path = log_path
-        self.http = http
-        self.port = int(env["WORKER_HTTP_PORT"])
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self) -> WorkerProcess:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(self.argv, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        self.starts += 1
-        return self
-
-    @property
-    def returncode(self) -> int | None:
-        return None if self.proc is None else self.proc.poll()
-
-    async def readyz(self) -> int | None:
-        """The /readyz status, or None when nothing answers."""
-        try:
-            async with self.http.get(f"http://127.0.0.1:{self.port}/readyz", timeout=aiohttp.ClientTimeout(2)) as r:
-                return r.status
-        except (aiohttp.ClientError, TimeoutError):
-            return None
-
-    async def wait_status(self, status: int | None, timeout_s: float = READY_TIMEOUT_S) -> bool:
-        """Probe /readyz (as Kubernetes would) until it answers ``status``; False on timeout or exit."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if await self.readyz() == status:
-                return True
-            if self.returncode is not None and status is not None:
-                return False
-            await asyncio.sleep(0.05)
-        return False
-
-    async def ready(self) -> WorkerProcess:
-        if not await self.wait_status(200):
-            raise RuntimeError(f"worker {self.name} did not become ready; log:\n{self.log_tail()}")
-        return self
-
-    async def metric(self, name: str, **labels: str) -> float:
-        """The value of one sample on /metrics (0 when absent)."""
-        async with self.http.get(f"http://127.0.0.1:{self.port}/metrics", timeout=aiohttp.ClientTimeout(5)) as r:
-            text = await r.text()
-        want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
-        for line in text.splitlines():
-            key, _, value = line.rpartition(" ")
-            if key == want:
-                return float(value)
-        return 0.0
-
-    def signal(self, sig: signal.Signals) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-
-    async def wait_exit(self, timeout_s: float) -> int | None:
-        """The exit status, or None if still running after ``timeout_s``."""
-        if self.proc is None:
-            return None
-        try:
-            return await asyncio.wait_for(asyncio.to_thread(self.proc.wait), timeout_s)
-        except TimeoutError:
-            return None
-
-    async def stop(self, timeout_s: float = 30.0) -> int | None:
-        """SIGTERM, then SIGKILL if it has not exited within ``timeout_s``."""
-        self.signal(signal.SIGTERM)
-        rc = await self.wait_exit(timeout_s)
-        if rc is None:
-            self.signal(signal.SIGKILL)
-            rc = await self.wait_exit(10)
-        return rc
-
-    def events(self, event: str) -> list[dict[str, Any]]:
-        found = []
-        if not self.log_path.exists():
-            return found
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                with contextlib.suppress(ValueError):
-                    record = json.loads(line)
-                    if record.get("event") == event:
-                        found.append(record)
-        return found
-
-    def log_tail(self, lines: int = 30) -> str:
-        if not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+# Worker processes (started by tests.worker_process, as every test and benchmark starts them)
 
 
 class Supervisor:
@@ -478,7 +377,7 @@ class Supervisor:
 
     async def _watch(self) -> None:
         while not self._stopping:
-            rc = await self.worker.wait_exit(3600)
+            rc = await self.worker.wait_async(3600)
             if self._stopping or rc is None:
                 return
             self.crashes += 1
@@ -486,7 +385,7 @@ class Supervisor:
 
     async def stop(self) -> int | None:
         self._stopping = True
-        rc = await self.worker.stop()
+        rc = await self.worker.stop_async()
         if self._task is not None:
             await asyncio.wait_for(self._task, 10)
         return rc
@@ -510,7 +409,7 @@ def _build_models(root: Path) -> dict[str, Path]:
 
 
 class Chaos:
-    """Shared by the scenarios: the broker, the models, an HTTP session, and the cleanup list."""
+    """Shared by the scenarios: the broker, the models, and the cleanup list."""
 
     def __init__(self, broker: Broker, workdir: Path, *, quick: bool) -> None:
         self.broker = broker
@@ -518,24 +417,21 @@ class Chaos:
         workdir.mkdir(parents=True, exist_ok=True)
         self.quick = quick
         self.models = _build_models(workdir)
-        self.http: aiohttp.ClientSession | None = None
         self._workers: list[WorkerProcess] = []
         self._clients: list[Client] = []
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator[Chaos]:
-        """Own the HTTP session, and stop every worker and delete every queue afterwards."""
-        self.http = aiohttp.ClientSession()
+        """Stop every worker and delete every queue afterwards."""
         try:
             yield self
         finally:
             await self.cleanup()
-            await self.http.close()
 
     async def cleanup(self) -> None:
         for worker in self._workers:
             if worker.returncode is None:
-                await worker.stop(timeout_s=10)
+                await worker.stop_async(grace_s=10)
         for client in self._clients:
             await client.close()
         self._workers.clear()
@@ -568,28 +464,31 @@ class Chaos:
         amqp_url: str | None = None,
         **settings: Any,
     ) -> WorkerProcess:
-        """A worker process (not started) serving ``client``'s queue; ``settings`` as WORKER_* values."""
-        assert self.http is not None
+        """A worker process (not started) serving ``client``'s queue; ``settings`` as WORKER_* values.
+
+        Its log goes to the work folder; its HTTP port is a free one, and readiness is ``/readyz``.
+        ``crash_on`` runs :mod:`tests.chaos.crashing_worker`, which aborts on a request holding that value.
+        """
         env = {
-            **os.environ,
-            "AMQP_URL": amqp_url or self.broker.url,
-            "WORKER_MODEL": str(self.models[model]),
-            "WORKER_QUEUE": client.queue,
             "WORKER_DELIVERY_LIMIT": str(client.delivery_limit),
-            "WORKER_HTTP_PORT": str(_free_port()),
-            "WORKER_LOG_FORMAT": "json",
             "WORKER_INTRA_OP_THREADS": "1",
             "WORKER_MAX_BATCH": "64",
             "WORKER_DRAIN_TIMEOUT_S": "20",
             "WORKER_CONNECT_TIMEOUT_S": "30",
         }
         env.update({f"WORKER_{k.upper()}": str(v) for k, v in settings.items()})
-        if crash_on is None:
-            argv = [str(WORKER_BIN), "run"]
-        else:
-            env["CHAOS_CRASH_ON"] = str(crash_on)
-            argv = [sys.executable, "-m", "tests.chaos.crashing_worker", "run"]
-        process = WorkerProcess(name, argv, env, self.workdir / f"{client.queue}.{name}.log", self.http)
+        if crash_on is not None:
+            env["CHAOS_CRASH_ON"] = str(crash_on)  # read by tests.chaos.crashing_worker
+        process = WorkerProcess(
+            amqp_url or self.broker.url,
+            self.models[model],
+            client.queue,
+            http_port=_free_port(),
+            env=env,
+            module="worker.cli" if crash_on is None else "tests.chaos.crashing_worker",
+            name=name,
+            log_path=self.workdir / f"{client.queue}.{name}.log",
+        )
         self._workers.append(process)
         return process
 
@@ -649,7 +548,7 @@ async def _finish(client: Client, name: str, started: float, *workers: WorkerPro
     """Wait for every outcome, stop the workers, and count."""
     resolved = await client.ledger.wait_resolved(RESOLVE_TIMEOUT_S)
     for worker in workers:
-        await worker.stop()
+        await worker.stop_async()
     counters = client.ledger.counters(name)
     counters.elapsed_s = time.monotonic() - started
     counters.expect(resolved, f"outcomes still missing after {RESOLVE_TIMEOUT_S:.0f} s")
@@ -665,14 +564,14 @@ async def scenario_sigkill(chaos: Chaos) -> Counters:
     await client.collect_replies()
     await client.collect_dead_letters()
     a, b = chaos.worker("a", client).start(), chaos.worker("b", client).start()
-    await a.ready()
-    await b.ready()
+    await a.wait_ready_async()
+    await b.wait_ready_async()
     await client.publish_all(_requests(n, "k"))
     await client.ledger.wait_for(lambda: client.ledger.resolved() >= n // 4, RESOLVE_TIMEOUT_S)
     a.signal(signal.SIGKILL)
     killed_at = client.ledger.resolved()
-    await a.wait_exit(10)
-    redelivered = await b.metric("qinfer_redelivered_total") if await client.ledger.wait_resolved(60) else 0
+    await a.wait_async(10)
+    redelivered = await b.metric_async("qinfer_redelivered_total") if await client.ledger.wait_resolved(60) else 0
     counters = await _finish(client, "sigkill", started, b)
     counters.notes.update(killed_after=killed_at, redelivered=int(redelivered))
     counters.expect(redelivered > 0, "the survivor received redelivered requests")
@@ -688,13 +587,13 @@ async def scenario_sigterm(chaos: Chaos) -> Counters:
     await client.collect_replies()
     await client.collect_dead_letters()
     a, b = chaos.worker("a", client).start(), chaos.worker("b", client).start()
-    await a.ready()
-    await b.ready()
+    await a.wait_ready_async()
+    await b.wait_ready_async()
     await client.publish_all(_requests(n, "t"))
     await client.ledger.wait_for(lambda: client.ledger.resolved() >= n // 4, RESOLVE_TIMEOUT_S)
     signalled = time.monotonic()
     a.signal(signal.SIGTERM)
-    rc = await a.wait_exit(30)
+    rc = await a.wait_async(30)
     exit_s = time.monotonic() - signalled
     drained = a.events("worker_drained")
     counters = await _finish(client, "sigterm", started, b)
@@ -720,13 +619,13 @@ async def _connection_fault(
     await client.collect_dead_letters()
     workers = [chaos.worker("a", client).start(), chaos.worker("b", client).start()]
     for w in workers:
-        await w.ready()
+        await w.wait_ready_async()
     await client.publish_all(_requests(n, name[0]))
     await client.ledger.wait_for(lambda: client.ledger.resolved() >= n // 4, RESOLVE_TIMEOUT_S)
     notes = await inject(workers)
     resolved = await client.ledger.wait_resolved(RESOLVE_TIMEOUT_S)
     alive = [w.returncode is None for w in workers]
-    ready_again = [await w.wait_status(200, 30) for w in workers]
+    ready_again = [await w.wait_readyz_async(200, 30) for w in workers]
     lost_consumer = sum(len(w.events("consumer_lost")) for w in workers)
     counters = await _finish(client, name, started, *workers)
     counters.notes.update(notes, consumer_lost_logged=lost_consumer)
@@ -753,7 +652,7 @@ async def scenario_broker_restart(chaos: Chaos) -> Counters:
     async def inject(workers: list[WorkerProcess]) -> dict[str, Any]:
         down = time.monotonic()
         async with chaos.broker.stopped():
-            not_ready = [await w.wait_status(503, 30) for w in workers]
+            not_ready = [await w.wait_readyz_async(503, 30) for w in workers]
         return {"not_ready_during_outage": all(not_ready), "outage_s": round(time.monotonic() - down, 1)}
 
     counters = await _connection_fault(chaos, "broker_restart", inject)
@@ -769,13 +668,13 @@ async def scenario_consumer_cancel(chaos: Chaos) -> Counters:
     client = await chaos.client("consumer_cancel")
     await client.collect_replies()
     await client.collect_dead_letters()
-    w = await chaos.worker("a", client).start().ready()
+    w = await chaos.worker("a", client).start().wait_ready_async()
     await client.publish_all(_requests(half, "c"))
     first = await client.ledger.wait_resolved(60)
     await client.delete_request_queue()
     # The worker declares the queue again and consumes; publishing before that would be unroutable.
-    not_ready = await w.wait_status(503, 10)
-    ready_again = await w.wait_status(200, 30)
+    not_ready = await w.wait_readyz_async(503, 10)
+    ready_again = await w.wait_readyz_async(200, 30)
     await client.publish_all(_requests(half, "d", seed=1))
     counters = await _finish(client, "consumer_cancel", started, w)
     counters.notes.update(not_ready_seen=not_ready, consumer_lost_logged=len(w.events("consumer_lost")))
@@ -792,7 +691,7 @@ async def scenario_poison_exception(chaos: Chaos) -> Counters:
     await client.collect_dead_letters()
     # All queued before the worker starts, so the poison shares batches with good requests.
     await client.publish_all(_requests(200, "p", width=4, special={100: POISON_VALUE}))
-    w = await chaos.worker("a", client, "poison").start().ready()
+    w = await chaos.worker("a", client, "poison").start().wait_ready_async()
     counters = await _finish(client, "poison_exception", started, w)
     counters.expect(client.ledger.replies.get("p100") == "inference_failed", "the poison got inference_failed")
     counters.expect((counters.replied_ok, counters.replied_error) == (199, 1), "199 results and one error reply")
@@ -835,9 +734,9 @@ async def scenario_deadlines(chaos: Chaos) -> Counters:
     for cid, body, ct in _requests(n, "l", width=4, seed=1):
         await client.publish(cid, body, ct, deadline_ms=now_ms - 1000)
     await client.publish_all([(cid, body, ct) for cid, body, ct in _requests(n, "g", width=4, seed=2)])
-    w = await chaos.worker("a", client, "affine").start().ready()
+    w = await chaos.worker("a", client, "affine").start().wait_ready_async()
     await client.ledger.wait_resolved(RESOLVE_TIMEOUT_S)
-    rows_computed = await w.metric("qinfer_rows_total")
+    rows_computed = await w.metric_async("qinfer_rows_total")
     counters = await _finish(client, "deadlines", started, w)
     late = [v for k, v in client.ledger.replies.items() if k.startswith("l")]
     expected_rows = _rows(_requests(n, "g", width=4, seed=2))
@@ -865,12 +764,12 @@ async def scenario_backpressure(chaos: Chaos) -> Counters:
         results_arguments={"x-queue-type": "quorum", "x-max-length": 50, "x-overflow": "reject-publish"},
     )
     await client.collect_dead_letters()
-    w = await chaos.worker("a", client, "affine").start().ready()
+    w = await chaos.worker("a", client, "affine").start().wait_ready_async()
     await client.publish_all(_requests(n, "b", width=4))
     deadline = time.monotonic() + 30
     held = 0.0
     while time.monotonic() < deadline and held == 0:  # probe the worker's metrics, as Prometheus would
-        held = await w.metric("qinfer_requests_total", outcome="reply_held")
+        held = await w.metric_async("qinfer_requests_total", outcome="reply_held")
         await asyncio.sleep(0.05)
     unacked_while_full = await client.queue_depth(client.queue)
     await client.collect_replies()  # room again
@@ -890,7 +789,7 @@ async def scenario_mixed(chaos: Chaos) -> Counters:
     await client.collect_dead_letters()
     a, b = chaos.worker("a", client, "affine_256"), chaos.worker("b", client, "affine_256")
     for w in (a, b):
-        await w.start().ready()
+        await w.start().wait_ready_async()
     valid = iter(_requests(n - n // 10, "m", width=256))
     expected: dict[str, str] = {}
     requests = []
@@ -918,7 +817,7 @@ async def scenario_unreachable(chaos: Chaos) -> Counters:
     client = await chaos.client("unreachable")
     url = f"amqp://guest:guest@127.0.0.1:{_free_port()}/"
     w = chaos.worker("a", client, "affine", amqp_url=url, connect_timeout_s=2).start()
-    rc = await w.wait_exit(60)
+    rc = await w.wait_async(60)
     counters = Counters("unreachable_at_start", elapsed_s=time.monotonic() - started)
     failed = w.events("worker_failed")
     counters.notes.update(exit_code=rc, exit_after_s=round(counters.elapsed_s, 1))

@@ -28,8 +28,8 @@ from producer.names import (
     results_queue_arguments,
 )
 from producer.protocol import ErrorCode, encode_error, encode_reply
-from tests.integration.worker_process import REPO_ROOT, WorkerProcess, child_env
 from tests.models import affine_model
+from tests.worker_process import REPO_ROOT, WorkerProcess, child_env
 
 pytestmark = pytest.mark.integration
 
@@ -264,7 +264,7 @@ async def test_producer_killed_part_way_then_rerun_gives_every_row_exactly_once(
     amqp_url: str, affine: Path, queue: str, job_id: str, tmp_path: Path
 ) -> None:
     _write_input(tmp_path / "in.jsonl")
-    with WorkerProcess(amqp_url, affine, queue):
+    async with WorkerProcess(amqp_url, affine, queue):
         producer = await asyncio.create_subprocess_exec(
             *[sys.executable, "-c", _FREEZING_PRODUCER, str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl")],
             *[queue, job_id, amqp_url, "500"],
@@ -295,21 +295,20 @@ async def test_worker_restarted_part_way_still_gives_every_row_exactly_once(
     _write_input(tmp_path / "in.jsonl")
     threshold = _Threshold(after=ROWS // 3)
     options = _options(tmp_path, amqp_url, queue, job_id, rows_per_message=10)
-    first = WorkerProcess(amqp_url, affine, queue).start()
-    second: WorkerProcess | None = None
+    first, second = WorkerProcess(amqp_url, affine, queue), WorkerProcess(amqp_url, affine, queue)
     try:
+        await first.start().wait_ready_async()
         job = asyncio.create_task(BulkJob(options, threshold).run())
         reached = asyncio.create_task(threshold.reached.wait())
         await asyncio.wait({job, reached}, return_when=asyncio.FIRST_COMPLETED)
         assert not job.done(), "the job finished before the worker could be restarted"
         first.signal(signal.SIGKILL)  # unacked requests go back to the queue
-        await asyncio.to_thread(first.wait)
-        second = await asyncio.to_thread(WorkerProcess(amqp_url, affine, queue).start)
+        await first.wait_async()
+        await second.start().wait_ready_async()
         summary: BulkSummary = await asyncio.wait_for(job, timeout=90)
     finally:
-        first.stop()
-        if second is not None:
-            second.stop()
+        await first.stop_async()
+        await second.stop_async()
     assert (summary.written, summary.failed) == (ROWS, 0)
     _assert_every_row_exactly_once(tmp_path / "out.jsonl")
 

@@ -15,8 +15,8 @@ import pytest
 from producer import Client, SyncClient
 from producer.errors import ConnectionLostError, ErrorReplyError, PublishRefusedError, RequestTimeoutError
 from producer.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, dead_letter_queue
-from tests.integration.worker_process import WorkerProcess
 from tests.models import affine_model
+from tests.worker_process import WorkerProcess
 
 pytestmark = pytest.mark.integration
 
@@ -87,8 +87,9 @@ async def test_publish_to_a_missing_queue_raises_instead_of_hanging(amqp_url: st
 
 async def test_timeout_raises_and_the_worker_skips_the_expired_request(amqp_url: str, affine: Path) -> None:
     queue = f"test.client.expiry.{uuid.uuid4().hex[:8]}"
-    worker = WorkerProcess(amqp_url, affine, queue).start()
+    worker = WorkerProcess(amqp_url, affine, queue)
     try:
+        await worker.start().wait_ready_async()
         # A stopped worker still receives the request into its prefetch window, so the broker
         # cannot expire it; the worker sees it only after its deadline has passed.
         worker.signal(signal.SIGSTOP)
@@ -98,10 +99,10 @@ async def test_timeout_raises_and_the_worker_skips_the_expired_request(amqp_url:
                     await client.infer({"x": np.ones((1, 4), np.float32)}, timeout_s=0.3, request_id="late-1")
         finally:
             worker.signal(signal.SIGCONT)
-        event = await asyncio.to_thread(worker.wait_for, "deadline_exceeded")
+        event = await worker.wait_for_async("deadline_exceeded")
         assert event["request_id"] == "late-1"
     finally:
-        worker.stop()
+        await worker.stop_async()
         await _delete_queues(amqp_url, queue, dead_letter_queue(queue))
 
 
@@ -139,9 +140,8 @@ def test_sync_client_round_trips_for_scripts(amqp_url: str, worker_queue: str) -
 async def test_infer_text_returns_one_embedding_per_string(amqp_url: str) -> None:
     queue = f"test.client.text.{uuid.uuid4().hex[:8]}"
     try:
-        with WorkerProcess(amqp_url, TEXT_MODEL, queue):
-            async with Client(amqp_url, queue=queue) as client:
-                reply = await client.infer_text(["hello world", "a second, longer sentence"], timeout_s=60)
+        async with WorkerProcess(amqp_url, TEXT_MODEL, queue), Client(amqp_url, queue=queue) as client:
+            reply = await client.infer_text(["hello world", "a second, longer sentence"], timeout_s=60)
     finally:
         await _delete_queues(amqp_url, queue, dead_letter_queue(queue))
     embedding = reply.outputs["embedding"]

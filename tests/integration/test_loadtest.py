@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,8 @@ from producer.loadtest.report import MARKDOWN_SECTIONS, ReportContext, write_rep
 from producer.loadtest.runner import LoadRunner, LoadTestError, Target
 from producer.loadtest.stats import OK, summarize
 from tests.models import mlp_model
-from tests.workers import running_worker, worker_command
+from tests.worker_process import WorkerProcess
+from tests.workers import running_worker
 
 pytestmark = pytest.mark.integration
 
@@ -137,8 +136,8 @@ async def test_a_missing_queue_fails_with_a_clear_error(amqp_url: str, queue: st
 def test_the_cli_runs_against_a_worker_process_and_prints_the_report_folder(
     amqp_url: str, model: Path, queue: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    env = {**os.environ, "AMQP_URL": amqp_url, "WORKER_LOG_LEVEL": "warning"}
-    worker = subprocess.Popen(worker_command(model, queue), cwd=ROOT, env=env)
+    # Not waited for: the CLI's --wait-consumers is part of what this test runs.
+    worker = WorkerProcess(amqp_url, model, queue).start()
     try:
         status = producer_main(
             [
@@ -167,8 +166,7 @@ def test_the_cli_runs_against_a_worker_process_and_prints_the_report_folder(
             ]
         )
     finally:
-        worker.terminate()
-        assert worker.wait(timeout=30) == 0
+        assert worker.stop(grace_s=30) == 0
     out = capsys.readouterr().out
     assert status == 0
     assert f"report: {tmp_path / 'cli-report' / 'report.md'}" in out
