@@ -376,7 +376,7 @@ async def test_a_second_run_of_a_running_job_refuses_and_a_rerun_after_a_kill_is
     rows = 600
     _write_input(tmp_path / "in.jsonl", rows=rows)
     output = tmp_path / "out.jsonl"
-    with WorkerProcess(amqp_url, affine, queue):
+    async with WorkerProcess(amqp_url, affine, queue):
         producer = await asyncio.create_subprocess_exec(
             *[sys.executable, "-c", _FREEZING_PRODUCER, str(tmp_path / "in.jsonl"), str(output)],
             *[queue, job_id, amqp_url, "100"],
