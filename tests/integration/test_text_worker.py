@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -76,3 +77,24 @@ async def test_bad_text_requests_get_clear_error_replies(
         assert isinstance(reply, ErrorReply), expected
         assert reply.code == expected, reply.message
         assert "text" in reply.message or "row" in reply.message
+
+
+async def test_a_10_mb_text_is_refused_before_tokenizing_while_its_neighbours_are_embedded(
+    amqp_url: str,
+    minilm_folder: Path,  # noqa: F811
+    connection: aio_pika.abc.AbstractConnection,
+    queue: str,
+) -> None:
+    rpc = await RpcClient.open(connection)
+    huge = Sent(encode_request({"text": ["word " * 2_000_000]}, CONTENT_TYPE_MSGPACK), CONTENT_TYPE_MSGPACK)
+    neighbours = [Sent(encode_request({"text": [s]}, CONTENT_TYPE_MSGPACK), CONTENT_TYPE_MSGPACK) for s in SENTENCES]
+    async with running_worker(amqp_url, minilm_folder, queue, max_batch=16) as worker:
+        pending = await rpc.publish(queue, huge)
+        answers = await rpc.call_many(queue, neighbours, timeout_s=60)
+        refused = decoded(await asyncio.wait_for(pending, 60))
+        rows_run = worker.rows_run
+    assert isinstance(refused, ErrorReply)
+    assert refused.code == "text_too_long"
+    assert "WORKER_MAX_TEXT_BYTES" in refused.message
+    assert all(isinstance(decoded(m), InferReply) for m in answers)
+    assert rows_run == len(SENTENCES)  # the refused text never reached the model
