@@ -22,6 +22,8 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import threading
 import uuid
 from collections.abc import Coroutine, Mapping, Sequence
@@ -35,6 +37,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
+from producer.coalesce import Arrays, Coalescer, lane_key, pack_rows, split_rows
 from producer.errors import (
     ConnectionLostError,
     ErrorReplyError,
@@ -44,7 +47,7 @@ from producer.errors import (
 )
 from producer.messages import request_message
 from producer.names import CONTENT_TYPE_MSGPACK, DEFAULT_AMQP_URL, DEFAULT_QUEUE, DIRECT_REPLY_TO
-from producer.protocol import ErrorReply, InferReply, decode_reply, encode_request
+from producer.protocol import ErrorCode, ErrorReply, InferReply, as_tensor, decode_reply, encode_request
 from producer.urls import connect_failure
 
 __all__ = ["Client", "SyncClient"]
@@ -54,7 +57,37 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_COALESCE_ROWS = 64
 TEXT_INPUT = "text"
+
+# Error codes that depend only on what every call of a packed request shares (names, datatypes,
+# shapes, outputs, deadline class): each caller gets the error as it is. Any other error of a packed
+# request (a bad value in one row, too many rows for the worker) sends each call again on its own.
+_SHARED_ERRORS = frozenset(
+    {
+        ErrorCode.UNSUPPORTED_CONTENT_TYPE,
+        ErrorCode.UNKNOWN_INPUT,
+        ErrorCode.MISSING_INPUT,
+        ErrorCode.WRONG_DATATYPE,
+        ErrorCode.WRONG_SHAPE,
+        ErrorCode.UNKNOWN_OUTPUT,
+        ErrorCode.DEADLINE_EXCEEDED,
+    }
+)
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class _Call:
+    """One caller's request while it may be packed with others."""
+
+    inputs: Arrays
+    rows: int
+    request_id: str
+    routing_key: str
+    outputs: Sequence[str] | None
+    deadline_s: float  # event-loop time
+    future: asyncio.Future[InferReply | ErrorReply]
+    packed_id: str | None = None  # the packed request carrying it, once sent in one
 
 
 class Client:
@@ -66,6 +99,12 @@ class Client:
         timeout_s: default per-call timeout in seconds; it is also the request's deadline.
         content_type: request encoding, ``application/msgpack`` (default, fast) or ``application/json``.
         connect_timeout_s: how long to wait for the broker when connecting.
+        coalesce_rows: most rows in one packed request (default 64, the worker's default ``--max-batch``).
+            Concurrent :meth:`infer` calls to the same queue with the same input names, datatypes,
+            non-batch dimensions, outputs and timeout, and no ``parameters``, are packed into one
+            multi-row request while an earlier one awaits the broker's confirm; a call never waits
+            for company. Each caller still gets its own reply (its rows, the model version, the
+            timing). ``1`` turns packing off.
 
     Use as ``async with Client(...) as client`` or call :meth:`connect` and :meth:`close`. When the
     connection drops, calls awaiting a reply raise :class:`~producer.errors.ConnectionLostError`;
@@ -80,9 +119,12 @@ class Client:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         content_type: str = CONTENT_TYPE_MSGPACK,
         connect_timeout_s: float = 10.0,
+        coalesce_rows: int = DEFAULT_COALESCE_ROWS,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        if coalesce_rows < 1:
+            raise ValueError(f"coalesce_rows must be at least 1 (1 turns packing off), got {coalesce_rows}")
         self.amqp_url = amqp_url
         self.queue = queue
         self.timeout_s = timeout_s
@@ -92,6 +134,14 @@ class Client:
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._pending: dict[str, asyncio.Future[InferReply | ErrorReply]] = {}
         self._connect_lock = asyncio.Lock()
+        self.coalesce_rows = coalesce_rows
+        self._coalescer: Coalescer[_Call] | None = (
+            Coalescer(coalesce_rows, self._send_calls, rows_of=lambda c: c.rows, wanted=lambda c: not c.future.done())
+            if coalesce_rows > 1
+            else None
+        )
+        self._calls: dict[str, _Call] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> Self:
         await self.connect()
@@ -135,6 +185,10 @@ class Client:
 
     async def close(self) -> None:
         """Close the connection; calls still awaiting a reply raise ConnectionLostError."""
+        if self._coalescer is not None:
+            for call in await self._coalescer.close():
+                if not call.future.done():
+                    call.future.set_exception(ConnectionLostError("the client was closed"))
         async with self._connect_lock:
             await self._close_connection()
 
@@ -192,6 +246,14 @@ class Client:
         """
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         request_id = request_id or uuid.uuid4().hex
+        if request_id in self._calls:
+            raise ValueError(f"request id {request_id!r} is already awaiting a reply")
+        if self._coalescer is not None and parameters is None:
+            arrays = {name: as_tensor(value) for name, value in inputs.items()}
+            key = lane_key(arrays)
+            if key is not None:
+                lane = (queue or self.queue, timeout_s, tuple(outputs) if outputs else None, key)
+                return await self._infer_coalesced(arrays, lane, request_id, outputs, timeout_s)
         body = encode_request(inputs, self.content_type, request_id=request_id, outputs=outputs, parameters=parameters)
         message = request_message(
             body, request_id=request_id, content_type=self.content_type, reply_to=DIRECT_REPLY_TO, timeout_s=timeout_s
@@ -220,6 +282,120 @@ class Client:
         if isinstance(reply, ErrorReply):
             raise ErrorReplyError(reply.id or request_id, reply.code, reply.message)
         return reply
+
+    async def _infer_coalesced(
+        self, arrays: Arrays, lane: tuple[Any, ...], request_id: str, outputs: Sequence[str] | None, timeout_s: float
+    ) -> InferReply:
+        """:meth:`infer` for a call that may be packed with others (see ``coalesce_rows``)."""
+        assert self._coalescer is not None
+        loop = asyncio.get_running_loop()
+        rows = int(next(iter(arrays.values())).shape[0])
+        call = _Call(arrays, rows, request_id, lane[0], outputs, loop.time() + timeout_s, loop.create_future())
+        self._calls[request_id] = call
+        self._coalescer.submit(lane, call)
+        try:
+            async with asyncio.timeout(timeout_s):
+                reply = await call.future
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"no reply to request {request_id!r} from queue {lane[0]!r} within {timeout_s:g} s"
+            ) from None
+        finally:
+            del self._calls[request_id]
+            self._forget(call)
+        if isinstance(reply, ErrorReply):
+            raise ErrorReplyError(reply.id or request_id, reply.code, reply.message)
+        return reply
+
+    def _forget(self, call: _Call) -> None:
+        """Stop awaiting the reply a call was sent in once no caller of it is left waiting."""
+        key = call.packed_id or call.request_id
+        future = self._pending.get(key)
+        if future is None:
+            return
+        if key == call.request_id or not any(c.packed_id == key for c in self._calls.values()):
+            del self._pending[key]
+            if not future.done():
+                future.cancel()
+
+    async def _send_calls(self, calls: list[_Call]) -> None:
+        """Publish one request for ``calls`` (packed when there are several) and await the broker's confirm.
+
+        Failures to connect or publish go to the calls concerned; the reply reaches them through
+        :meth:`_on_reply` (and :meth:`_unpack` for a packed request).
+        """
+        loop = asyncio.get_running_loop()
+        left_s = min(c.deadline_s for c in calls) - loop.time()
+        if left_s <= 0:
+            return  # their callers time out now; nothing would compute it in time
+        if len(calls) == 1:
+            request_id, inputs, future = calls[0].request_id, calls[0].inputs, calls[0].future
+        else:
+            request_id, inputs, future = uuid.uuid4().hex, pack_rows([c.inputs for c in calls]), loop.create_future()
+            future.add_done_callback(functools.partial(self._unpack, calls))
+            for call in calls:
+                call.packed_id = request_id
+        first = calls[0]
+        try:
+            body = encode_request(inputs, self.content_type, request_id=request_id, outputs=first.outputs)
+            message = request_message(
+                body, request_id=request_id, content_type=self.content_type, reply_to=DIRECT_REPLY_TO, timeout_s=left_s
+            )
+            if not self.is_connected:
+                await self.connect()
+            assert self._channel is not None
+            self._pending[request_id] = future
+            await self._publish(self._channel, message, first.routing_key)
+        except Exception as e:
+            self._pending.pop(request_id, None)
+            for call in calls:
+                if not call.future.done():
+                    call.future.set_exception(e)
+
+    def _unpack(self, calls: list[_Call], future: asyncio.Future[InferReply | ErrorReply]) -> None:
+        """Hand each caller of a packed request its own reply: its rows, or the error that concerns it."""
+        if future.cancelled():
+            return
+        error = future.exception()
+        waiting = [c for c in calls if not c.future.done()]
+        if error is not None:
+            for call in waiting:
+                call.future.set_exception(error)
+            return
+        reply = future.result()
+        if isinstance(reply, ErrorReply):
+            if reply.code in _SHARED_ERRORS:
+                for call in waiting:
+                    call.future.set_result(ErrorReply(id=call.request_id, code=reply.code, message=reply.message))
+            else:  # one call's rows may be at fault: each goes again alone, so only it gets the error
+                log.debug("client_packed_error_resending", code=reply.code, calls=len(waiting))
+                for call in waiting:
+                    call.packed_id = None
+                    self._spawn(self._send_calls([call]))
+            return
+        try:
+            parts = split_rows(reply.outputs, [c.rows for c in calls])
+        except ProtocolError as e:
+            for call in waiting:
+                call.future.set_exception(e)
+            return
+        packed = {"requests": len(calls), "rows": sum(c.rows for c in calls)}
+        for call, outputs in zip(calls, parts, strict=True):
+            if not call.future.done():
+                call.future.set_result(
+                    InferReply(
+                        id=call.request_id,
+                        model_name=reply.model_name,
+                        model_version=reply.model_version,
+                        outputs=outputs,
+                        parameters={**reply.parameters, "coalesced": packed},
+                    )
+                )
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def infer_text(
         self,

@@ -40,6 +40,7 @@ __all__ = [
     "ErrorReply",
     "InferReply",
     "InferRequest",
+    "as_tensor",
     "decode_reply",
     "decode_request",
     "encode_error",
@@ -468,6 +469,12 @@ def decode_request(body: bytes, content_type: str | None, *, default_id: str = "
     )
 
 
+def as_tensor(value: npt.ArrayLike | Sequence[str]) -> npt.NDArray[Any]:
+    """The array a request carries for ``value`` (a list of strings becomes an object array: BYTES)."""
+    arr = np.asarray(value)
+    return arr.astype(object) if arr.dtype.kind == "U" else arr
+
+
 def encode_request(
     inputs: Mapping[str, npt.ArrayLike | Sequence[str]],
     content_type: str = CONTENT_TYPE_MSGPACK,
@@ -478,12 +485,7 @@ def encode_request(
 ) -> bytes:
     """Encode a request body from named arrays (lists of strings become BYTES tensors)."""
     binary = _is_binary(content_type)
-    tensors = []
-    for name, value in inputs.items():
-        arr = np.asarray(value)
-        if arr.dtype.kind == "U":
-            arr = arr.astype(object)
-        tensors.append(_tensor_to_wire(name, arr, binary=binary))
+    tensors = [_tensor_to_wire(name, as_tensor(value), binary=binary) for name, value in inputs.items()]
     msg = RequestMsg(
         id=request_id,
         inputs=tensors,

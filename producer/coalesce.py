@@ -1,0 +1,150 @@
+"""Client-side coalescing: concurrent calls packed into multi-row requests, Nagle-style.
+
+A worker's host path costs about the same per message whether it carries one row or sixty-four, so
+single-row calls from many concurrent callers are cheaper to serve packed. The rule never makes a
+call wait for company: calls go into a *lane* (one per queue and request shape), and a lane with no
+publish in flight sends what it holds at once. Calls that arrive while a lane's publish awaits the
+broker's confirm wait in the lane and leave together, as one request of up to ``max_rows`` rows,
+when the confirm comes. Under light load every call goes alone; under heavy load messages fill up.
+
+Pure helpers (:func:`lane_key`, :func:`pack_rows`, :func:`split_rows`) and the :class:`Coalescer`
+that runs the lanes; the client (``producer.client``) supplies the publish and the replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from producer.errors import ProtocolError
+from producer.protocol import ErrorCode
+
+log = structlog.get_logger(__name__)
+
+C = TypeVar("C")
+Arrays = dict[str, npt.NDArray[Any]]
+
+
+def lane_key(inputs: Mapping[str, npt.NDArray[Any]]) -> Hashable | None:
+    """What calls must share to be packed: input names, dtypes and non-batch dimensions.
+
+    None when the inputs cannot be packed (a scalar, no rows, or inputs that disagree on rows).
+    """
+    if not inputs:
+        return None
+    rows = {a.shape[0] if a.ndim else None for a in inputs.values()}
+    if len(rows) != 1 or None in rows or 0 in rows:
+        return None
+    return tuple(sorted((name, a.dtype.str, a.shape[1:]) for name, a in inputs.items()))
+
+
+def pack_rows(parts: Sequence[Mapping[str, npt.NDArray[Any]]]) -> Arrays:
+    """Concatenate the calls' inputs along the first dimension (inputs must share a :func:`lane_key`)."""
+    if len(parts) == 1:
+        return dict(parts[0])
+    return {name: np.concatenate([p[name] for p in parts], axis=0) for name in parts[0]}
+
+
+def split_rows(outputs: Mapping[str, npt.NDArray[Any]], rows: Sequence[int]) -> list[Arrays]:
+    """Split a packed reply's outputs back into one dict per call, by each call's row count.
+
+    Raises:
+        ProtocolError: when an output's first dimension is not the packed request's row count.
+    """
+    total = sum(rows)
+    for name, value in outputs.items():
+        if value.ndim == 0 or value.shape[0] != total:
+            raise ProtocolError(
+                ErrorCode.BAD_ENCODING,
+                f"reply output {name!r} has shape {list(value.shape)}; a packed request of {total} rows "
+                "needs that many in its first dimension",
+            )
+    bounds = np.cumsum(rows)[:-1]
+    pieces = {name: np.split(value, bounds) for name, value in outputs.items()}
+    return [{name: pieces[name][i] for name in outputs} for i in range(len(rows))]
+
+
+def take_rows(waiting: deque[C], max_rows: int, rows_of: Callable[[C], int], wanted: Callable[[C], bool]) -> list[C]:
+    """Remove and return the calls for one message: from the front, up to ``max_rows`` rows.
+
+    Calls no longer ``wanted`` (their caller gave up) are dropped on the way. The first call is
+    always taken, so a call of more than ``max_rows`` rows still goes (alone).
+    """
+    taken: list[C] = []
+    rows = 0
+    while waiting:
+        call = waiting[0]
+        if not wanted(call):
+            waiting.popleft()
+            continue
+        if taken and rows + rows_of(call) > max_rows:
+            break
+        taken.append(waiting.popleft())
+        rows += rows_of(call)
+    return taken
+
+
+class Coalescer(Generic[C]):
+    """Runs the lanes: at most one publish in flight per lane, the rest packed behind it.
+
+    Args:
+        max_rows: most rows in one packed message.
+        send: publishes one message for the given calls and returns once the broker confirmed it
+            (or raised: ``send`` reports failures to its calls itself).
+        rows_of: a call's row count.
+        wanted: False once a call's caller gave up (timed out or was cancelled).
+    """
+
+    def __init__(
+        self,
+        max_rows: int,
+        send: Callable[[list[C]], Awaitable[None]],
+        *,
+        rows_of: Callable[[C], int],
+        wanted: Callable[[C], bool],
+    ) -> None:
+        self.max_rows = max_rows
+        self._send = send
+        self._rows_of = rows_of
+        self._wanted = wanted
+        self._lanes: dict[Hashable, deque[C]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def submit(self, key: Hashable, call: C) -> None:
+        """Queue ``call`` in lane ``key``; a lane with no publish in flight sends it at once."""
+        lane = self._lanes.get(key)
+        if lane is not None:
+            lane.append(call)  # a publish is in flight: leave with the next message
+            return
+        lane = self._lanes[key] = deque([call])
+        task = asyncio.get_running_loop().create_task(self._run(key, lane))
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    async def _run(self, key: Hashable, lane: deque[C]) -> None:
+        try:
+            while calls := take_rows(lane, self.max_rows, self._rows_of, self._wanted):
+                await self._send(calls)
+        finally:
+            del self._lanes[key]
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("coalescer_lane_failed", error=repr(task.exception()))
+
+    async def close(self) -> list[C]:
+        """Stop every lane and return the calls still waiting in them (the caller fails them)."""
+        left = [call for lane in self._lanes.values() for call in lane]
+        for lane in self._lanes.values():
+            lane.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        return left
