@@ -71,6 +71,13 @@ def add_loadtest_parser(subparsers: argparse._SubParsersAction[argparse.Argument
     payload.add_argument("--datatype", default="FP32", help="tensor datatype (OIP name)")
     payload.add_argument("--dims", type=_dims, default=(16,), help="dimensions of one tensor row, e.g. 16 or 3,32,32")
     payload.add_argument("--content-type", choices=CONTENT_TYPES, default=CONTENT_TYPE_MSGPACK, help="body encoding")
+    payload.add_argument(
+        "--coalesce-rows",
+        type=int,
+        default=1,
+        help="pack concurrent requests into messages of up to this many rows while earlier publishes await "
+        "their confirms, as producer.Client(coalesce_rows=N) does (1: every request its own message)",
+    )
     output = p.add_argument_group("report")
     output.add_argument("--out", type=Path, default=None, help="report folder (default: reports/loadtest-<time>)")
     output.add_argument("--label", default="", help="a line describing the setup, recorded in the report")
@@ -115,6 +122,8 @@ def run_loadtest(args: argparse.Namespace) -> int:
             raise LoadTestConfigError("--bin-s and --depth-interval-s must be positive")
         if args.timeout_s < 0 or args.drain_timeout_s < 0:
             raise LoadTestConfigError("--timeout-s and --drain-timeout-s must be 0 or more")
+        if args.coalesce_rows < 1:
+            raise LoadTestConfigError("--coalesce-rows must be at least 1 (1 turns packing off)")
     except LoadTestConfigError as e:
         print(f"producer load-test: {e}", file=sys.stderr)
         return 2
@@ -139,6 +148,7 @@ def run_loadtest(args: argparse.Namespace) -> int:
             build_bodies(spec),
             content_type=spec.content_type,
             rows=spec.rows,
+            coalesce_rows=args.coalesce_rows,
             on_progress=None if args.no_progress else view.update,
         )
         try:

@@ -28,11 +28,13 @@ import aiohttp
 import aiormq.exceptions
 import msgspec
 
+from producer.coalesce import Coalescer, pack_rows
 from producer.errors import InferenceError
 from producer.loadtest.profiles import Profile, send_offsets
 from producer.loadtest.stats import NO_REPLY, OK, PENDING, PUBLISH_FAILED, DepthReading, Sample, timing_entry
 from producer.messages import request_message
 from producer.names import DIRECT_REPLY_TO
+from producer.protocol import decode_request, encode_request
 from producer.urls import connect_failure
 
 
@@ -121,6 +123,9 @@ class LoadRunner:
         bodies: pre-encoded request bodies, cycled through.
         content_type: the bodies' content type.
         rows: rows per request.
+        coalesce_rows: pack requests into messages of up to this many rows while earlier publishes
+            await their confirms (see :mod:`producer.coalesce`); a packed reply answers all its requests
+            alike (its outcome and timing). 1: every request is its own message.
         on_progress: called a few times a second with a :class:`Snapshot` (the live view).
         progress_interval_s: how often ``on_progress`` is called.
     """
@@ -133,11 +138,20 @@ class LoadRunner:
         *,
         content_type: str,
         rows: int,
+        coalesce_rows: int = 1,
         on_progress: Callable[[Snapshot], None] | None = None,
         progress_interval_s: float = 0.25,
     ) -> None:
         if not bodies:
             raise ValueError("bodies must not be empty")
+        # Packing concatenates the bodies' tensors: decoded once here, encoded per packed message.
+        self._inputs = [decode_request(b, content_type).inputs for b in bodies] if coalesce_rows > 1 else []
+        self._coalescer: Coalescer[Sample] | None = (
+            Coalescer(coalesce_rows, self._send_packed, rows_of=lambda s: s.rows, wanted=lambda s: s.outcome == PENDING)
+            if coalesce_rows > 1
+            else None
+        )
+        self._packs: dict[str, list[Sample]] = {}
         self.target = target
         self.profile = profile
         self.bodies = list(bodies)
@@ -214,6 +228,8 @@ class LoadRunner:
                 for task in list(self._tasks):
                     task.cancel()
                 await asyncio.gather(*self._tasks, return_exceptions=True)
+                if self._coalescer is not None:
+                    await self._coalescer.close()  # requests still waiting to be packed end as no_reply
                 if self._failure is not None:
                     raise self._failure
         finally:
@@ -323,6 +339,9 @@ class LoadRunner:
         return sample
 
     async def _send(self, sample: Sample) -> None:
+        if self._coalescer is not None:
+            self._coalescer.submit(self.target.queue, sample)
+            return
         assert self._channel is not None
         t = self.target
         message = request_message(
@@ -342,6 +361,37 @@ class LoadRunner:
             if isinstance(e, ConnectionError | aiormq.exceptions.AMQPConnectionError):
                 self.stop()
 
+    async def _send_packed(self, samples: list[Sample]) -> None:
+        """Publish ``samples`` as one message (packed when several) and await the broker's confirm."""
+        assert self._channel is not None
+        t = self.target
+        inputs = pack_rows([self._inputs[s.index % len(self._inputs)] for s in samples])
+        request_id = f"{self.run_id}-p{samples[0].index}"
+        self._packs[request_id] = samples
+        message = request_message(
+            encode_request(inputs, self.content_type),
+            request_id=request_id,
+            content_type=self.content_type,
+            reply_to=DIRECT_REPLY_TO,
+            timeout_s=t.timeout_s if t.timeout_s > 0 else None,
+        )
+        sent_s = self._now()
+        for sample in samples:
+            sample.sent_s = sent_s
+        try:
+            await self._channel.default_exchange.publish(message, routing_key=t.queue, mandatory=True)
+        except (aio_pika.exceptions.DeliveryError, aiormq.exceptions.AMQPError, ConnectionError) as e:
+            self._packs.pop(request_id, None)
+            for sample in samples:
+                if sample.outcome == PENDING:
+                    self._finish(sample, PUBLISH_FAILED, None)
+            if isinstance(e, ConnectionError | aiormq.exceptions.AMQPConnectionError):
+                self.stop()
+            return
+        confirmed_s = self._now()
+        for sample in samples:
+            sample.confirmed_s = confirmed_s
+
     def _own(self, task: asyncio.Task[None]) -> None:
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -358,10 +408,15 @@ class LoadRunner:
     async def _on_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         now = self._now()
         run_id, _, index_text = (message.correlation_id or "").rpartition("-")
-        if run_id != self.run_id or not index_text.isdigit() or int(index_text) >= len(self.samples):
+        if run_id != self.run_id:
             return  # not ours (an earlier run's straggler)
-        sample = self.samples[int(index_text)]
-        if sample.outcome != PENDING:
+        if index_text.startswith("p"):
+            samples = [s for s in self._packs.pop(message.correlation_id or "", []) if s.outcome == PENDING]
+        elif index_text.isdigit() and int(index_text) < len(self.samples):
+            samples = [self.samples[int(index_text)]] if self.samples[int(index_text)].outcome == PENDING else []
+        else:
+            return
+        if not samples:
             return
         decoder = _HEAD_DECODERS.get(message.content_type or "")
         try:
@@ -369,12 +424,15 @@ class LoadRunner:
         except msgspec.DecodeError:
             head = None
         if head is None:
-            self._finish(sample, "bad_reply", now)
+            outcome, timing = "bad_reply", None
         elif head.error is not None:
-            self._finish(sample, head.error.code, now)
+            outcome, timing = head.error.code, None
         else:
-            sample.timing = timing_entry(head.parameters)
-            self._finish(sample, OK, now)
+            outcome, timing = OK, timing_entry(head.parameters)
+        for sample in samples:
+            if timing is not None:
+                sample.timing = timing
+            self._finish(sample, outcome, now)
 
     def _finish(self, sample: Sample, outcome: str, replied_s: float | None) -> None:
         sample.outcome = outcome

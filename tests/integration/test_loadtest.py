@@ -121,6 +121,30 @@ async def test_closed_loop_keeps_the_concurrency_and_stops_at_max_requests(
     assert peak <= 4
 
 
+async def test_with_coalescing_concurrent_requests_share_messages_and_each_is_answered(
+    amqp_url: str, model: Path, queue: str
+) -> None:
+    profile = Profile(mode="closed", concurrency=64, duration_s=30, max_requests=640)
+    payload = PayloadSpec(kind="tensor", dims=(16,))
+    async with running_worker(amqp_url, model, queue) as worker:
+        runner = LoadRunner(
+            Target(amqp_url=amqp_url, queue=queue),
+            profile,
+            build_bodies(payload),
+            content_type=payload.content_type,
+            rows=1,
+            coalesce_rows=16,
+        )
+        result = await runner.run()
+        rows_run = worker.rows_run
+    assert len(result.samples) == 640
+    assert all(s.outcome == OK for s in result.samples)
+    assert rows_run == 640
+    assert max(s.timing["batch_rows"] for s in result.samples) > 1
+    sent_at = {s.sent_s for s in result.samples}
+    assert len(sent_at) < 640, "every request went in a message of its own"
+
+
 async def test_a_missing_queue_fails_with_a_clear_error(amqp_url: str, queue: str) -> None:
     runner = LoadRunner(
         Target(amqp_url=amqp_url, queue=queue),
