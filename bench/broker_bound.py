@@ -6,11 +6,16 @@ Starts three consumers, each on its own queue, and drives them with the same cli
   unbatched  decode, run the model on one request, reply, ack
 at saturation (``--window`` requests in flight) and with one request in flight. The consumers are
 driven in turn, round after round, so background load falls on all of them alike; each figure is
-the median over the rounds. Prints msgs/s, p50/p99 latency and the ratios the worker is held to:
+the median over the rounds. At saturation it also reads each consumer process's CPU time (user +
+system, from /proc) before and after the run: CPU per request is what one process costs the host,
+whatever else shares the cores. Prints msgs/s, p50/p99 latency, CPU ms per request and the ratios
+the worker is held to:
   saturation msgs/s: worker / echo       (target >= 1.0)
+  CPU per request: worker / echo         (target <= 1.1)
   one in flight p50: worker / unbatched  (target <= 1.2)
 
 Usage: python -m bench.broker_bound [--count 3000] [--window 256] [--single-count 1000] [--rounds 5]
+       [--model mlp|affine]
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import statistics
 import tempfile
 import uuid
@@ -28,10 +34,19 @@ import numpy as np
 from bench.driver import AMQP_URL, baseline, delete_queues, drive
 from producer.names import CONTENT_TYPE_MSGPACK
 from producer.protocol import encode_request
-from tests.models import mlp_model
+from tests.models import affine_model, mlp_model
 from tests.worker_process import WorkerProcess
 
 KINDS = ("worker", "echo", "unbatched")
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    if pid is None:
+        return float("nan")
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS_PER_S  # utime, stime (fields 14 and 15)
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -42,10 +57,14 @@ async def main(args: argparse.Namespace) -> None:
         encode_request({"x": rng.standard_normal((1, 256)).astype(np.float32)}, CONTENT_TYPE_MSGPACK)
         for _ in range(args.count)
     ]
-    saturated: dict[str, list[tuple[float, float, float]]] = {k: [] for k in KINDS}
+    saturated: dict[str, list[tuple[float, float, float, float]]] = {k: [] for k in KINDS}
     single: dict[str, list[tuple[float, float]]] = {k: [] for k in KINDS}
     with tempfile.TemporaryDirectory() as tmp:
-        model = mlp_model(Path(tmp) / "mlp.onnx", width=256, hidden=256, layers=3)
+        model = (
+            affine_model(Path(tmp) / "affine.onnx", width=256)
+            if args.model == "affine"
+            else mlp_model(Path(tmp) / "mlp.onnx", width=256, hidden=256, layers=3)
+        )
         consumers = {
             "worker": WorkerProcess(
                 AMQP_URL,
@@ -65,8 +84,10 @@ async def main(args: argparse.Namespace) -> None:
                     await drive(queues[kind], bodies[:300], content_type=CONTENT_TYPE_MSGPACK, window=args.window)
                 for round_no in range(1, args.rounds + 1):
                     for kind in KINDS:
+                        before_s = cpu_s(consumers[kind].pid)
                         r = await drive(queues[kind], bodies, content_type=CONTENT_TYPE_MSGPACK, window=args.window)
-                        saturated[kind].append((r.msgs_per_s, r.percentile_ms(50), r.percentile_ms(99)))
+                        cpu_ms = (cpu_s(consumers[kind].pid) - before_s) * 1000 / args.count
+                        saturated[kind].append((r.msgs_per_s, r.percentile_ms(50), r.percentile_ms(99), cpu_ms))
                         one = await drive(
                             queues[kind], bodies[: args.single_count], content_type=CONTENT_TYPE_MSGPACK, window=1
                         )
@@ -87,11 +108,15 @@ async def main(args: argparse.Namespace) -> None:
         f"{args.count} requests of FP32 [1, 256] with {args.window} in flight; {args.single_count} one at a time;"
         f" median of {args.rounds} rounds"
     )
-    print(f"{'consumer':<10} {'msgs/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'1-in-flight p50 ms':>19} {'p99 ms':>8}")
+    print(
+        f"{'consumer':<10} {'msgs/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU ms/req':>11}"
+        f" {'1-in-flight p50 ms':>19} {'p99 ms':>8}"
+    )
     for kind in KINDS:
         print(
             f"{kind:<10} {med(saturated[kind], 0):>9.0f} {med(saturated[kind], 1):>8.1f} "
-            f"{med(saturated[kind], 2):>8.1f} {med(single[kind], 0):>19.3f} {med(single[kind], 1):>8.3f}"
+            f"{med(saturated[kind], 2):>8.1f} {med(saturated[kind], 3):>11.3f}"
+            f" {med(single[kind], 0):>19.3f} {med(single[kind], 1):>8.3f}"
         )
     print()
     print(
@@ -99,6 +124,10 @@ async def main(args: argparse.Namespace) -> None:
         "  (target >= 1.0)"
     )
     print(f"saturation msgs/s, worker / unbatched: {med(saturated['worker'], 0) / med(saturated['unbatched'], 0):.2f}")
+    print(
+        f"CPU per request, worker / echo:        {med(saturated['worker'], 3) / med(saturated['echo'], 3):.2f}"
+        "  (target <= 1.1)"
+    )
     print(
         f"one in flight p50, worker / unbatched: {med(single['worker'], 0) / med(single['unbatched'], 0):.2f}"
         "  (target <= 1.2)"
@@ -112,5 +141,11 @@ if __name__ == "__main__":
     parser.add_argument("--single-count", type=int, default=1000, help="requests sent one at a time")
     parser.add_argument("--rounds", type=int, default=5, help="rounds over the three consumers")
     parser.add_argument("--max-batch", type=int, default=64, help="worker --max-batch")
+    parser.add_argument(
+        "--model",
+        choices=("mlp", "affine"),
+        default="mlp",
+        help="mlp: three dense layers; affine: y = 2x + 1, a near-zero model that leaves the host path alone",
+    )
     parser.add_argument("--worker-args", default="", help="more `worker run` flags, e.g. '--intra-op-threads 1'")
     asyncio.run(main(parser.parse_args()))

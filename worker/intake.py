@@ -32,7 +32,7 @@ from worker.jobs import Job
 from worker.metrics import WorkerMetrics
 from worker.model import Pipeline
 from worker.replies import Replies, clip
-from worker.reply_to import ReplyToKind, classify
+from worker.reply_to import ReplyTo, ReplyToKind, classify
 from worker.scheduler import Scheduler, is_expired
 from worker.settings import Settings
 from worker.settler import Settler
@@ -44,6 +44,7 @@ log = structlog.get_logger("worker")
 # milliseconds. Larger ones go to the intake thread, so a long text never stalls acks, heartbeats
 # or /livez.
 INLINE_PREPARE_BYTES = 64 * 1024
+_REPLY_TO_MEMORY = 4096  # distinct reply_to values remembered (then forgotten all at once)
 
 
 def header_ms(headers: Mapping[str, Any] | None, name: str) -> float | None:
@@ -87,6 +88,8 @@ class Intake:
         self._on_redelivered = on_redelivered
         self._on_first_delivery = on_first_delivery
         self._reply_to_pattern = re.compile(settings.reply_to_pattern)
+        # reply_to values repeat (one per client channel or results queue): classify each once.
+        self._reply_to_seen: dict[str | None, ReplyTo] = {}
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="intake")
 
     def shutdown(self) -> None:
@@ -142,7 +145,7 @@ class Intake:
             self._on_redelivered()
         else:
             self._on_first_delivery()
-        job.reply_to = classify(message.reply_to, self._reply_to_pattern)
+        job.reply_to = self._classify(message.reply_to)
         if not job.reply_to.answerable:
             missing = job.reply_to.kind is ReplyToKind.MISSING
             log.warning(
@@ -175,6 +178,15 @@ class Intake:
                 "(split the request into smaller ones, or raise WORKER_MAX_MESSAGE_BYTES)",
             )
         return True
+
+    def _classify(self, reply_to: str | None) -> ReplyTo:
+        """:func:`classify`, remembered for the last few thousand distinct values."""
+        known = self._reply_to_seen.get(reply_to)
+        if known is None:
+            if len(self._reply_to_seen) >= _REPLY_TO_MEMORY:
+                self._reply_to_seen.clear()
+            known = self._reply_to_seen[reply_to] = classify(reply_to, self._reply_to_pattern)
+        return known
 
     def _decode(self, job: Job) -> tuple[InferRequest, Any]:
         """Decode and prepare (validate, tokenize) a request. Pure: safe to run in the intake thread."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 _LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -51,3 +53,11 @@ class WorkerMetrics:
         )
         self.inflight = Gauge("qinfer_inflight_requests", "Requests received and not yet settled", registry=r)
         self.model = Info("qinfer_model", "The model this worker serves", registry=r)
+        self._outcomes: dict[str, Any] = {}
+
+    def count(self, outcome: str) -> None:
+        """Count one finished request by outcome (the labelled child is looked up once per outcome)."""
+        child = self._outcomes.get(outcome)
+        if child is None:
+            child = self._outcomes[outcome] = self.requests.labels(outcome)
+        child.inc()

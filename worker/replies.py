@@ -141,7 +141,7 @@ class Replies:
             job = reply.job
             if published is Published.CONFIRMED:
                 settled.append((job, Outcome.REPLIED))
-                self._metrics.requests.labels(reply.outcome_label).inc()
+                self._metrics.count(reply.outcome_label)
             elif published is Published.REFUSED:
                 settled.append((job, self._refused(reply)))
             elif published is Published.UNROUTABLE or published is Published.FATAL_ADDRESS:

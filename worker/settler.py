@@ -91,7 +91,7 @@ class Settler:
                 action = ack_action(outcome)
                 if action is AckAction.HOLD and channel is not None:
                     job.ledger.hold(tag)
-                    self._metrics.requests.labels("reply_held").inc()
+                    self._metrics.count("reply_held")
                     self._on_hold(job)
                     continue
                 self._metrics.inflight.dec()
@@ -106,7 +106,7 @@ class Settler:
                     entry[2].append(tag)
                     continue
                 job.ledger.discard(tag)
-                self._metrics.requests.labels("requeued" if action is AckAction.REQUEUE else "dead_lettered").inc()
+                self._metrics.count("requeued" if action is AckAction.REQUEUE else "dead_lettered")
                 frames.append((channel, action, tag, False))
             for ledger, channel, tags in to_ack.values():
                 # Also after a requeue or reject alone: removing a tag can free the acks queued behind it.
