@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import os
 import statistics
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -35,7 +36,7 @@ from bench.driver import AMQP_URL, baseline, delete_queues, drive
 from producer.names import CONTENT_TYPE_MSGPACK
 from producer.protocol import encode_request
 from tests.models import affine_model, mlp_model
-from tests.worker_process import WorkerProcess
+from tests.worker_process import LoggedProcess, WorkerProcess, child_env, worker_command
 
 KINDS = ("worker", "echo", "unbatched")
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK")
@@ -49,16 +50,26 @@ def cpu_s(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS_PER_S  # utime, stime (fields 14 and 15)
 
 
+def worker_from_tree(tree: Path, model: Path, queue: str, *extra: str) -> LoggedProcess:
+    """``worker run`` from another checkout of this project (an earlier commit), for a before/after ratio."""
+    bootstrap = (
+        f"import sys; sys.path.insert(0, {str(tree)!r}); from worker.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    command = [sys.executable, "-c", bootstrap, *worker_command(model, queue, *extra)[3:]]
+    return LoggedProcess(command, env=child_env(AMQP_URL), name=f"worker from {tree}")
+
+
 async def main(args: argparse.Namespace) -> None:
     tag = uuid.uuid4().hex[:6]
-    queues = {kind: f"bench.{kind}.{tag}" for kind in KINDS}
+    kinds = (*KINDS, "before") if args.compare_tree else KINDS
+    queues = {kind: f"bench.{kind}.{tag}" for kind in kinds}
     rng = np.random.default_rng(0)
     bodies = [
         encode_request({"x": rng.standard_normal((1, 256)).astype(np.float32)}, CONTENT_TYPE_MSGPACK)
         for _ in range(args.count)
     ]
-    saturated: dict[str, list[tuple[float, float, float, float]]] = {k: [] for k in KINDS}
-    single: dict[str, list[tuple[float, float]]] = {k: [] for k in KINDS}
+    saturated: dict[str, list[tuple[float, float, float, float]]] = {k: [] for k in kinds}
+    single: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory() as tmp:
         model = (
             affine_model(Path(tmp) / "affine.onnx", width=256)
@@ -76,14 +87,24 @@ async def main(args: argparse.Namespace) -> None:
             "echo": baseline("echo", queues["echo"], prefetch=args.window),
             "unbatched": baseline("unbatched", queues["unbatched"], prefetch=args.window, model=model),
         }
+        if args.compare_tree:
+            consumers["before"] = worker_from_tree(
+                args.compare_tree,
+                model,
+                queues["before"],
+                "--max-batch",
+                str(args.max_batch),
+                "--prefetch",
+                str(args.window),
+            )
         try:
             async with contextlib.AsyncExitStack() as stack:
-                for kind in KINDS:
+                for kind in kinds:
                     await stack.enter_async_context(consumers[kind])
-                for kind in KINDS:  # warm-up
+                for kind in kinds:  # warm-up
                     await drive(queues[kind], bodies[:300], content_type=CONTENT_TYPE_MSGPACK, window=args.window)
                 for round_no in range(1, args.rounds + 1):
-                    for kind in KINDS:
+                    for kind in kinds:
                         before_s = cpu_s(consumers[kind].pid)
                         r = await drive(queues[kind], bodies, content_type=CONTENT_TYPE_MSGPACK, window=args.window)
                         cpu_ms = (cpu_s(consumers[kind].pid) - before_s) * 1000 / args.count
@@ -94,7 +115,7 @@ async def main(args: argparse.Namespace) -> None:
                         single[kind].append((one.percentile_ms(50), one.percentile_ms(99)))
                     print(
                         f"round {round_no}/{args.rounds}: "
-                        + ", ".join(f"{k} {saturated[k][-1][0]:.0f} msgs/s" for k in KINDS),
+                        + ", ".join(f"{k} {saturated[k][-1][0]:.0f} msgs/s" for k in kinds),
                         flush=True,
                     )
         finally:
@@ -112,7 +133,7 @@ async def main(args: argparse.Namespace) -> None:
         f"{'consumer':<10} {'msgs/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU ms/req':>11}"
         f" {'1-in-flight p50 ms':>19} {'p99 ms':>8}"
     )
-    for kind in KINDS:
+    for kind in kinds:
         print(
             f"{kind:<10} {med(saturated[kind], 0):>9.0f} {med(saturated[kind], 1):>8.1f} "
             f"{med(saturated[kind], 2):>8.1f} {med(saturated[kind], 3):>11.3f}"
@@ -132,6 +153,10 @@ async def main(args: argparse.Namespace) -> None:
         f"one in flight p50, worker / unbatched: {med(single['worker'], 0) / med(single['unbatched'], 0):.2f}"
         "  (target <= 1.2)"
     )
+    if args.compare_tree:
+        print(f"saturation msgs/s, worker / before:    {med(saturated['worker'], 0) / med(saturated['before'], 0):.2f}")
+        print(f"CPU per request, worker / before:      {med(saturated['worker'], 3) / med(saturated['before'], 3):.2f}")
+        print(f"one in flight p50, worker / before:    {med(single['worker'], 0) / med(single['before'], 0):.2f}")
 
 
 if __name__ == "__main__":
@@ -146,6 +171,13 @@ if __name__ == "__main__":
         choices=("mlp", "affine"),
         default="mlp",
         help="mlp: three dense layers; affine: y = 2x + 1, a near-zero model that leaves the host path alone",
+    )
+    parser.add_argument(
+        "--compare-tree",
+        type=Path,
+        default=None,
+        help="another checkout of this project (e.g. `git worktree add /tmp/before REV`): its worker runs as a "
+        "fourth consumer, 'before', and the ratios to it are printed",
     )
     parser.add_argument("--worker-args", default="", help="more `worker run` flags, e.g. '--intra-op-threads 1'")
     asyncio.run(main(parser.parse_args()))

@@ -27,7 +27,7 @@ from typing import Any
 
 import aiormq.exceptions
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 
 from worker.acks import Outcome
 from worker.broker import connect, declare_request_queue
@@ -199,7 +199,7 @@ class Worker:
         await channel.set_qos(prefetch_count=self._window)
         self._consumer_window = self._window
         self._queue = await declare_request_queue(channel, s)
-        self._consumer_tag = await self._queue.consume(self._on_message)
+        self._consumer_tag = await self._queue.consume(parts.intake.on_message)
         self.health.consuming = True
         self._watcher = asyncio.create_task(self._watch_consumer(), name="consumer-watch")
         self.consuming_event.set()
@@ -221,10 +221,6 @@ class Worker:
             http_port=s.http_port or None,
         )
         return parts
-
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        assert self._parts is not None
-        await self._parts.intake.on_message(message)
 
     def _on_connection_lost(self, *_: Any) -> None:
         self.health.consuming = False
@@ -389,7 +385,8 @@ class Worker:
                     await self._queue.cancel(self._consumer_tag)
                     self._consumer_tag = None
                 await self._channel.set_qos(prefetch_count=prefetch)
-                self._consumer_tag = await self._queue.consume(self._on_message)
+                assert self._parts is not None
+                self._consumer_tag = await self._queue.consume(self._parts.intake.on_message)
                 self._consumer_window = prefetch
             except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as e:
                 # The watcher tries again once the connection is back.

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
@@ -104,7 +103,7 @@ class Intake:
             request_id=message.correlation_id or message.message_id or "",
             received_s=time.monotonic(),
         )
-        with self._answering_failures(job):
+        try:
             if not self._screen(job):
                 return
             if len(message.body) <= INLINE_PREPARE_BYTES:
@@ -112,24 +111,24 @@ class Intake:
                 self._enqueue(job, request, prepared)
             else:
                 self._tasks.spawn(self._take_in_off_loop(job))
+        except Exception as e:  # whatever the delivery made raise, it still ends settled
+            self._failed(job, e)
 
-    @contextlib.contextmanager
-    def _answering_failures(self, job: Job) -> Iterator[None]:
+    def _failed(self, job: Job, error: Exception) -> None:
         """Turn anything raised while taking in ``job`` into its error reply (or dead-letter)."""
-        try:
-            yield
-        except ProtocolError as e:
-            log.warning("bad_request", request_id=clip(job.request_id), code=e.code, error=clip(e.message))
-            self._replies.send_soon([self._replies.error(job, e.code, e.message)])
-        except Exception as e:  # a bug or an input nobody foresaw: answer it, never leave it unsettled
-            log.error("intake_failed", request_id=clip(job.request_id), error=clip(e), exc_info=e)
-            if job.reply_to is None:
-                job.reply_to = classify(job.message.reply_to, self._reply_to_pattern)
-            if job.reply_to.answerable:
-                text = f"the worker could not take in this request ({type(e).__name__}); it was not computed"
-                self._replies.send_soon([self._replies.error(job, ErrorCode.INTERNAL, text)])
-            else:
-                self._tasks.spawn(self._settler.settle([(job, Outcome.BAD_REPLY_TO)]))
+        if isinstance(error, ProtocolError):
+            log.warning("bad_request", request_id=clip(job.request_id), code=error.code, error=clip(error.message))
+            self._replies.send_soon([self._replies.error(job, error.code, error.message)])
+            return
+        # A bug or an input nobody foresaw: answer it, never leave it unsettled.
+        log.error("intake_failed", request_id=clip(job.request_id), error=clip(error), exc_info=error)
+        if job.reply_to is None:
+            job.reply_to = classify(job.message.reply_to, self._reply_to_pattern)
+        if job.reply_to.answerable:
+            text = f"the worker could not take in this request ({type(error).__name__}); it was not computed"
+            self._replies.send_soon([self._replies.error(job, ErrorCode.INTERNAL, text)])
+        else:
+            self._tasks.spawn(self._settler.settle([(job, Outcome.BAD_REPLY_TO)]))
 
     def _screen(self, job: Job) -> bool:
         """The checks that cost nothing: suspects, reply_to, draining, deadline, size.
@@ -197,13 +196,15 @@ class Intake:
 
     async def _take_in_off_loop(self, job: Job) -> None:
         """Decode and prepare a large request in the intake thread, then queue it for a batch."""
-        with self._answering_failures(job):
+        try:
             loop = asyncio.get_running_loop()
             request, prepared = await loop.run_in_executor(self._executor, self._decode, job)
             if self._health.draining:  # the drain began meanwhile and has handed back the pending work
                 await self._settler.settle([(job, Outcome.NOT_STARTED)])
                 return
             self._enqueue(job, request, prepared)
+        except Exception as e:
+            self._failed(job, e)
 
     def _enqueue(self, job: Job, request: InferRequest, prepared: Any) -> None:
         """Queue a prepared request for a batch (or answer it if its deadline passed meanwhile)."""
