@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -53,10 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             settings = settings_mod.from_args(args)
             configure_logging(log_format=settings.log_format, level=settings.log_level)
-            from worker.consumer import Worker
-
-            asyncio.run(Worker(settings).run())
-            return 0
+            return _run(settings)
         if args.command == "inspect":
             return _inspect(args.model)
         if args.command == "calibrate":
@@ -69,6 +67,21 @@ def main(argv: list[str] | None = None) -> int:
         structlog.get_logger("worker").error("worker_failed", error=str(e))
         return 1
     return 2
+
+
+def _run(settings: settings_mod.Settings) -> int:
+    """One worker in this process (``--processes 1``), or a supervisor of several consumer processes."""
+    from worker.supervisor import CHILD_INDEX_ENV, Supervisor, resolve_processes
+
+    processes = resolve_processes(settings)
+    if processes == 1:
+        from worker.consumer import Worker
+
+        if CHILD_INDEX_ENV in os.environ:  # a supervisor's consumer process: say which in every line
+            structlog.contextvars.bind_contextvars(child=int(os.environ[CHILD_INDEX_ENV]))
+        asyncio.run(Worker(settings).run())
+        return 0
+    return asyncio.run(Supervisor(settings, processes).run())
 
 
 def _inspect(model: Path) -> int:
