@@ -117,3 +117,13 @@ def test_one_process_runs_the_worker_in_the_process_itself(amqp_url: str, model:
     assert worker.events("worker_drained")
     assert not worker.events("supervisor_started")
     assert "child" not in worker.events("worker_started")[0]
+
+
+@pytest.mark.timeout(60)
+def test_with_exit_when_idle_the_supervisor_exits_0_once_every_process_finished(
+    amqp_url: str, model: Path, queue: str
+) -> None:
+    supervisor = WorkerProcess(amqp_url, model, queue, "--processes", "2", "--exit-when-idle", *ONE_CORE).start()
+    assert supervisor.wait(45) == 0
+    assert sorted(e["child"] for e in supervisor.events("process_finished")) == [0, 1]
+    assert not supervisor.events("process_restarting")
