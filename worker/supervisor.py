@@ -308,7 +308,15 @@ class Supervisor:
     async def _watch(self, child: _Child) -> None:
         """Run ``child``'s slot: start a consumer process, wait for its exit, start it again after a backoff."""
         while not self.draining:
-            process = await self._spawn(child)
+            try:
+                process = await self._spawn(child)
+            except OSError as e:  # no interpreter to exec, no memory to fork: nothing to restart
+                log.error(
+                    "process_start_failed", child=child.slot, error=repr(e), why="the pod cannot run its processes"
+                )
+                self.failed = True
+                self.stop_event.set()
+                return
             if self.draining:  # the drain began while it was starting: it drains too
                 with contextlib.suppress(ProcessLookupError):
                     process.send_signal(signal.SIGTERM)
