@@ -85,6 +85,24 @@ bench: model broker ## The performance benchmarks (bench/): each prints its rati
 	$(BIN)/python -m bench.rows_per_message
 	$(BIN)/python -m bench.compute_bound
 	$(BIN)/python -m bench.coalescing
+	$(BIN)/python -m bench.processes
+
+# gpu-check: the gpu extra in an environment of its own (.venv-gpu), installed as the image installs it, plus the
+# CUDA and cuDNN libraries that the image's CUDA base provides, here from NVIDIA's wheels (onnxruntime-gpu's `cuda`
+# extra leaves cuBLAS out, hence nvidia-cublas). Downloads about 2 GB once.
+ONNXRUNTIME_VERSION ?= $(shell sed -n 's/^ARG ONNXRUNTIME_VERSION=//p' Containerfile | head -n 1)
+GPU_VENV ?= .venv-gpu
+GPU_CUDA_LIBS ?= onnxruntime-gpu[cuda,cudnn]==$(ONNXRUNTIME_VERSION) nvidia-cublas~=13.0
+
+$(GPU_VENV)/.installed: pyproject.toml Containerfile
+	$(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/pip install --quiet --upgrade pip
+	$(GPU_VENV)/bin/pip install --quiet '.[gpu]' "onnxruntime-gpu==$(ONNXRUNTIME_VERSION)" $(GPU_CUDA_LIBS)
+	touch $@
+
+.PHONY: gpu-check
+gpu-check: $(GPU_VENV)/.installed ## CUDA path: its libraries resolve (installs onnxruntime-gpu into .venv-gpu); on a GPU, CUDA vs CPU embeddings
+	$(GPU_VENV)/bin/python -m worker.gpu_check
 
 .PHONY: lint
 lint: install ## ruff and mypy

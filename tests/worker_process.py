@@ -9,6 +9,10 @@ lock; only the way they block differs.
 :class:`WorkerProcess` is a :class:`LoggedProcess` running ``python -m worker.cli run`` (or a module
 with the same CLI, such as the fault-injection worker) with the repository on ``PYTHONPATH``.
 
+A supervisor (``worker run --processes N``) is a :class:`WorkerProcess` too: its consumer processes
+share its stdout, so their events arrive in the same stream, each carrying its ``child`` slot;
+:meth:`WorkerProcess.children` says which process runs in which slot now.
+
     with WorkerProcess(amqp_url, model, queue, "--max-batch", "16") as worker:   # tests
         ...
     async with WorkerProcess(amqp_url, model, queue, http_port=port) as worker:  # harness, benchmarks
@@ -96,6 +100,12 @@ def metric_value(exposition: str, name: str, **labels: str) -> float:
         if key == want:
             return float(value)
     return 0.0
+
+
+def scrape(port: int) -> str:
+    """The Prometheus text that ``/metrics`` on ``127.0.0.1:port`` serves."""
+    with _LOCAL_HTTP.open(f"http://127.0.0.1:{port}/metrics", timeout=HTTP_TIMEOUT_S * 2) as response:
+        return str(response.read().decode())
 
 
 @dataclass
@@ -229,13 +239,19 @@ class LoggedProcess:
         run = self._current()
         return None if run.exit_code is None else _Exited(run.exit_code)
 
-    def _event_or_exit(self, name: str) -> Callable[[], dict[str, Any] | _Exited | None]:
+    def _event_or_exit(
+        self, name: str, match: Mapping[str, Any] | None = None, nth: int = 1
+    ) -> Callable[[], dict[str, Any] | _Exited | None]:
         run = self._current()
+        wanted = dict(match or {})
 
         def found() -> dict[str, Any] | _Exited | None:
+            seen = 0
             for event in self._events[run.first_event :]:
-                if event.get("event") == name:
-                    return event
+                if event.get("event") == name and all(event.get(k) == v for k, v in wanted.items()):
+                    seen += 1
+                    if seen == nth:
+                        return event
             return None if run.exit_code is None else _Exited(run.exit_code)
 
         return found
@@ -279,14 +295,19 @@ class LoggedProcess:
 
     # -- waiting (threads) ---------------------------------------------------------------------
 
-    def wait_for(self, name: str, *, timeout_s: float = 30.0) -> dict[str, Any]:
+    def wait_for(
+        self, name: str, *, timeout_s: float = 30.0, match: Mapping[str, Any] | None = None, nth: int = 1
+    ) -> dict[str, Any]:
         """Block until the current run logs an event called ``name`` (perhaps already); return it.
+
+        ``match``: the event must also carry these values (``{"child": 0}``); ``nth``: wait for the
+        nth such event of the run (2: the second ``process_started`` of slot 0, after a restart).
 
         Raises:
             TimeoutError: none within ``timeout_s``.
             RuntimeError: the process exited first.
         """
-        return self._event_found(name, self._block(self._event_or_exit(name), timeout_s), timeout_s)
+        return self._event_found(name, self._block(self._event_or_exit(name, match, nth), timeout_s), timeout_s)
 
     def wait(self, timeout_s: float = 60.0) -> int | None:
         """The exit status once the process has exited and its log is read; None after ``timeout_s``."""
@@ -332,9 +353,7 @@ class LoggedProcess:
         """The value of one sample on ``/metrics`` (0 when absent)."""
         if self.http_port is None:
             raise RuntimeError(f"{self.name} has no HTTP port")
-        url = f"http://127.0.0.1:{self.http_port}/metrics"
-        with _LOCAL_HTTP.open(url, timeout=HTTP_TIMEOUT_S * 2) as response:
-            return metric_value(response.read().decode(), name, **labels)
+        return metric_value(scrape(self.http_port), name, **labels)
 
     def signal(self, signum: signal.Signals) -> None:
         """Send ``signum`` to the current run, unless it has exited."""
@@ -369,9 +388,12 @@ class LoggedProcess:
 
     # -- waiting (event loops) -------------------------------------------------------------------
 
-    async def wait_for_async(self, name: str, *, timeout_s: float = 30.0) -> dict[str, Any]:
+    async def wait_for_async(
+        self, name: str, *, timeout_s: float = 30.0, match: Mapping[str, Any] | None = None, nth: int = 1
+    ) -> dict[str, Any]:
         """:meth:`wait_for` for a coroutine."""
-        return self._event_found(name, await self._block_async(self._event_or_exit(name), timeout_s), timeout_s)
+        found = await self._block_async(self._event_or_exit(name, match, nth), timeout_s)
+        return self._event_found(name, found, timeout_s)
 
     async def wait_async(self, timeout_s: float = 60.0) -> int | None:
         """:meth:`wait` for a coroutine."""
@@ -455,3 +477,13 @@ class WorkerProcess(LoggedProcess):
         command = worker_command(model, queue, *extra, http_port=http_port or 0, module=module)
         super().__init__(command, env=child_env(amqp_url, env), name=name, http_port=http_port, log_path=log_path)
         self.queue = queue
+
+    # -- a supervisor's consumer processes (``--processes N``) -----------------------------------
+
+    def children(self) -> dict[int, dict[str, Any]]:
+        """The consumer process now in each slot: its latest ``process_started`` event (pid, http_port)."""
+        return {int(e["child"]): e for e in self.events("process_started")}
+
+    def child_metric(self, slot: int, name: str, **labels: str) -> float:
+        """One sample on the ``/metrics`` of the consumer process in ``slot`` (its own counts only)."""
+        return metric_value(scrape(int(self.children()[slot]["http_port"])), name, **labels)

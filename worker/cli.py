@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -44,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
                            help="how long a request may wait in the queue before KEDA adds a replica")  # fmt: skip
     calibrate.add_argument("--seconds-per-size", type=float, default=2.0, help="measuring time per batch size")
     calibrate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the model runs")
+    calibrate.add_argument(
+        "--broker-ms-per-message",
+        type=float,
+        default=1.2,
+        help="CPU ms a consumer process spends per message on AMQP alone (receive, reply, confirm, ack); "
+        "a bare aio-pika consumer measured 0.9 on a classic and 1.2 on a quorum queue (docs/deploy.md)",
+    )
     return parser
 
 
@@ -53,10 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             settings = settings_mod.from_args(args)
             configure_logging(log_format=settings.log_format, level=settings.log_level)
-            from worker.consumer import Worker
-
-            asyncio.run(Worker(settings).run())
-            return 0
+            return _run(settings)
         if args.command == "inspect":
             return _inspect(args.model)
         if args.command == "calibrate":
@@ -69,6 +74,21 @@ def main(argv: list[str] | None = None) -> int:
         structlog.get_logger("worker").error("worker_failed", error=str(e))
         return 1
     return 2
+
+
+def _run(settings: settings_mod.Settings) -> int:
+    """One worker in this process (``--processes 1``), or a supervisor of several consumer processes."""
+    from worker.supervisor import CHILD_INDEX_ENV, Supervisor, resolve_processes
+
+    processes = resolve_processes(settings)
+    if processes == 1:
+        from worker.consumer import Worker
+
+        if CHILD_INDEX_ENV in os.environ:  # a supervisor's consumer process: say which in every line
+            structlog.contextvars.bind_contextvars(child=int(os.environ[CHILD_INDEX_ENV]))
+        asyncio.run(Worker(settings).run())
+        return 0
+    return asyncio.run(Supervisor(settings, processes).run())
 
 
 def _inspect(model: Path) -> int:
@@ -109,18 +129,48 @@ def _calibrate(args: argparse.Namespace) -> int:
         seconds_per_size=args.seconds_per_size,
         progress=lambda b, r: console.print(f"  batch {b:>5}: {r:>10.1f} rows/s"),
     )
-    table = Table(title="suggested settings (in-process throughput: the ceiling through the broker)")
+    table = Table(title="batch settings (in-process throughput: the ceiling through the broker)")
     table.add_column("setting")
     table.add_column("value", justify="right")
     table.add_column("why")
     table.add_row("--max-batch", str(result.max_batch), "smallest batch within 5 % of the best rows/s")
     table.add_row("--prefetch", str(result.prefetch), "two batches of messages, so the next batch is waiting")
-    table.add_row(
-        "autoscaling.targetQueueLength",
-        str(result.keda_target),
-        f"{result.messages_per_s:.0f} messages/s x {result.queueing_delay_s:g} s accepted delay (> prefetch)",
-    )
     console.print(table)
+    from worker.calibrate import measure_intake, plan_capacity
+    from worker.supervisor import available_cpus
+
+    codec_s = measure_intake(pipeline, rows_per_message=args.rows_per_message, seconds=min(args.seconds_per_size, 1.0))
+    on_cpu = pipeline.providers[0] == "CPUExecutionProvider"
+    plan = plan_capacity(result, codec_s + args.broker_ms_per_message / 1000, on_cpu=on_cpu, cpus=available_cpus())
+    capacity = Table(title="capacity plan for one pod on this hardware")
+    capacity.add_column("figure")
+    capacity.add_column("value", justify="right")
+    capacity.add_column("how")
+    capacity.add_row(
+        "device rows/s", f"{plan.device_rows_per_s:.0f}", f"in process, at the best batch ({result.max_batch})"
+    )
+    capacity.add_row(
+        "intake rows/s per process",
+        f"{plan.intake_rows_per_s:.0f}",
+        f"{args.rows_per_message} row(s) per message; {codec_s * 1000:.3f} ms decode+prepare+encode measured "
+        f"+ {args.broker_ms_per_message:g} ms AMQP (--broker-ms-per-message)",
+    )
+    capacity.add_row(
+        "processes per pod",
+        str(plan.processes),
+        "device rows/s / intake rows/s per process, rounded up"
+        + (f"; the model shares the {plan.cpus} CPU(s) here, so at most that" if on_cpu else ""),
+    )
+    capacity.add_row("pod rows/s", f"{plan.pod_rows_per_s:.0f}", "the lower of the device and the processes' intake")
+    capacity.add_row(
+        "targetQueueLength",
+        str(plan.keda_target),
+        f"pod messages/s x {result.queueing_delay_s:g} s, above prefetch x processes "
+        f"({result.prefetch * plan.processes})",
+    )
+    console.print(capacity)
+    console.print("values to paste into your values file:")
+    print(plan.values_yaml(f"worker calibrate: {pipeline.name} on {pipeline.providers[0]}"))
     return 0
 
 

@@ -1,10 +1,48 @@
-"""Prometheus metrics of one worker. Names carry their units, per Prometheus conventions."""
+"""Prometheus metrics of one worker. Names carry their units, per Prometheus conventions.
+
+Under a supervisor (``worker run --processes N``, see :mod:`worker.supervisor`) every consumer
+process starts with ``PROMETHEUS_MULTIPROC_DIR`` set: prometheus-client then keeps each value in a
+per-process file there, and the supervisor's ``/metrics`` sums the files. Two metrics change shape in
+that mode: the in-flight gauge sums over live processes (``livesum``), and the model info, which the
+library cannot share between processes as an ``Info``, is a gauge of 1 with the same name and labels.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_mode() -> bool:
+    """True when this process shares its metrics with a supervisor (``PROMETHEUS_MULTIPROC_DIR`` set)."""
+    return MULTIPROC_DIR_ENV in os.environ
+
+
+class ModelInfo(Protocol):
+    """What the worker calls to publish the model it serves: an ``Info``, or its multiprocess stand-in."""
+
+    def info(self, val: dict[str, str]) -> None: ...
+
+
+class _InfoGauge:
+    """``qinfer_model_info{name, version, providers} 1`` as a gauge, for multiprocess mode."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._gauge = Gauge(
+            "qinfer_model_info",
+            "The model this worker serves",
+            ["name", "version", "providers"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+
+    def info(self, val: dict[str, str]) -> None:
+        self._gauge.labels(val["name"], val["version"], val["providers"]).set(1)
+
 
 _LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -51,8 +89,15 @@ class WorkerMetrics:
             buckets=_LATENCY_BUCKETS_S,
             registry=r,
         )
-        self.inflight = Gauge("qinfer_inflight_requests", "Requests received and not yet settled", registry=r)
-        self.model = Info("qinfer_model", "The model this worker serves", registry=r)
+        self.inflight = Gauge(
+            "qinfer_inflight_requests",
+            "Requests received and not yet settled",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.model: ModelInfo = (
+            _InfoGauge(r) if multiprocess_mode() else Info("qinfer_model", "The model this worker serves", registry=r)
+        )
         self._outcomes: dict[str, Any] = {}
 
     def count(self, outcome: str) -> None:

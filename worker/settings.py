@@ -57,6 +57,10 @@ class Settings:
     exit_when_idle: bool = False
     log_format: LogFormat = "auto"
     log_level: str = "info"
+    processes: int = 1
+    restart_backoff_max_s: float = 30.0
+    max_deaths: int = 5
+    death_window_s: float = 60.0
 
     def __post_init__(self) -> None:
         for spec in SETTINGS:
@@ -123,6 +127,16 @@ def _bool(text: str) -> bool:
     if lowered in ("0", "false", "no", "off", ""):
         return False
     raise SettingsError(f"{text!r} is not a boolean; use true or false")
+
+
+def _processes(text: str) -> int:
+    """``auto`` (any case) is 0: the supervisor resolves it to the CPUs the container may use."""
+    if text.strip().lower() == "auto":
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise SettingsError(f"WORKER_PROCESSES is {text!r}; use a number of processes or auto") from None
 
 
 def _number(kind: Callable[[str], Any], env: str) -> Callable[[str], Any]:
@@ -305,9 +319,57 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "lowest level logged",
         choices=("debug", "info", "warning", "error"),
     ),
+    SettingSpec(
+        "processes",
+        "WORKER_PROCESSES",
+        "--processes",
+        "consumer processes in this pod, each with its own connections and model session on the same device "
+        "(auto or 0: the CPUs the container may use, from its cgroup quota)",
+        _processes,
+        minimum=0,
+        maximum=256,
+    ),
+    SettingSpec(
+        "restart_backoff_max_s",
+        "WORKER_RESTART_BACKOFF_MAX_S",
+        "--restart-backoff-max-s",
+        "several processes: longest wait before a dead consumer process is started again (the wait doubles "
+        "from 0.5 s with each death of that process in the death window)",
+        _number(float, "WORKER_RESTART_BACKOFF_MAX_S"),
+        minimum=0,
+        maximum=3600,
+    ),
+    SettingSpec(
+        "max_deaths",
+        "WORKER_MAX_DEATHS",
+        "--max-deaths",
+        "several processes: consumer process deaths within the death window that make the supervisor drain the "
+        "others and exit non-zero, so Kubernetes restarts the pod",
+        _number(int, "WORKER_MAX_DEATHS"),
+        minimum=1,
+        maximum=10000,
+    ),
+    SettingSpec(
+        "death_window_s",
+        "WORKER_DEATH_WINDOW_S",
+        "--death-window-s",
+        "several processes: the window, in seconds, in which consumer process deaths are counted",
+        _number(float, "WORKER_DEATH_WINDOW_S"),
+        minimum=1,
+        maximum=86400,
+    ),
 )
 
 ENV_VARS: frozenset[str] = frozenset(spec.env for spec in SETTINGS)
+
+
+def to_env(settings: Settings) -> dict[str, str]:
+    """Every setting of ``settings`` as the environment variables that read back to the same values."""
+    env: dict[str, str] = {}
+    for spec in SETTINGS:
+        value = getattr(settings, spec.field)
+        env[spec.env] = ("true" if value else "false") if isinstance(value, bool) else str(value)
+    return env
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

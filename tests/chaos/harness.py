@@ -609,6 +609,67 @@ async def scenario_sigterm(chaos: Chaos) -> Counters:
     return counters
 
 
+async def scenario_supervisor_sigterm(chaos: Chaos) -> Counters:
+    """SIGTERM to a supervisor of two consumer processes mid-load: both drain, it exits 0; a lone
+    worker answers what they handed back; nothing is lost or answered twice."""
+    started = time.monotonic()
+    n = chaos.count(2000, 600)
+    client = await chaos.client("supervisor_sigterm")
+    await client.collect_replies()
+    await client.collect_dead_letters()
+    supervisor, b = chaos.worker("pod", client, processes=2).start(), chaos.worker("b", client).start()
+    await supervisor.wait_ready_async()
+    await b.wait_ready_async()
+    await client.publish_all(_requests(n, "s"))
+    await client.ledger.wait_for(lambda: client.ledger.resolved() >= n // 4, RESOLVE_TIMEOUT_S)
+    supervisor.signal(signal.SIGTERM)
+    rc = await supervisor.wait_async(40)
+    drained = supervisor.events("worker_drained")
+    counters = await _finish(client, "supervisor_sigterm", started, b)
+    counters.notes.update(
+        exit_code=rc,
+        drained=sorted(e.get("child") for e in drained),
+        handed_back=sum(e["handed_back"] for e in drained),
+    )
+    counters.expect(rc == 0, "the supervisor exits 0 once both processes drained")
+    counters.expect(sorted(e.get("child") for e in drained) == [0, 1], "both consumer processes drained")
+    counters.expect(all(e["unfinished"] == 0 for e in drained), "each drain finished within its timeout")
+    counters.expect(counters.duplicated == 0, "a drain answers nothing twice")
+    return counters
+
+
+async def scenario_child_sigkill(chaos: Chaos) -> Counters:
+    """SIGKILL one of a supervisor's two consumer processes mid-load: the supervisor starts it
+    again, its unacked requests are redelivered, nothing is lost, and SIGTERM still exits 0."""
+    started = time.monotonic()
+    n = chaos.count(2000, 600)
+    client = await chaos.client("child_sigkill")
+    await client.collect_replies()
+    await client.collect_dead_letters()
+    supervisor = await chaos.worker("pod", client, processes=2).start().wait_ready_async()
+    await client.publish_all(_requests(n, "c"))
+    await client.ledger.wait_for(lambda: client.ledger.resolved() >= n // 4, RESOLVE_TIMEOUT_S)
+    victim = int(supervisor.children()[0]["pid"])
+    os.kill(victim, signal.SIGKILL)
+    killed_at = client.ledger.resolved()
+    died = await supervisor.wait_for_async("process_died", match={"child": 0, "pid": victim})
+    restarted = await supervisor.wait_for_async("process_started", match={"child": 0}, nth=2)
+    resolved = await client.ledger.wait_resolved(RESOLVE_TIMEOUT_S)
+    ready_again = await supervisor.wait_readyz_async(200, 60)
+    restarts = await supervisor.metric_async("qinfer_process_restarts_total")
+    redelivered = await supervisor.metric_async("qinfer_redelivered_total")
+    counters = await _finish(client, "child_sigkill", started, supervisor)
+    rc = supervisor.returncode
+    counters.notes.update(killed_after=killed_at, redelivered=int(redelivered), restarts=int(restarts), exit_code=rc)
+    counters.expect(died.get("signal") == "SIGKILL", "the supervisor logged the death and its signal")
+    counters.expect(restarted["pid"] != victim and restarts == 1, "the supervisor started the process again")
+    counters.expect(resolved, "every request resolved after the kill")
+    counters.expect(ready_again, "the pod is ready again")
+    counters.expect(redelivered > 0, "the killed process's unacked requests were redelivered")
+    counters.expect(rc == 0, "SIGTERM afterwards drains both processes and exits 0")
+    return counters
+
+
 async def _connection_fault(
     chaos: Chaos, name: str, inject: Callable[[list[WorkerProcess]], Awaitable[dict[str, Any]]]
 ) -> Counters:
@@ -831,6 +892,8 @@ SCENARIOS: dict[str, tuple[Scenario, set[str]]] = {
     # name: (scenario, needs): needs "ctl" (rabbitmqctl) and/or BROKER_RESTART (opt-in)
     "sigkill": (scenario_sigkill, set()),
     "sigterm": (scenario_sigterm, set()),
+    "supervisor_sigterm": (scenario_supervisor_sigterm, set()),
+    "child_sigkill": (scenario_child_sigkill, set()),
     "broker_restart": (scenario_broker_restart, {"ctl", BROKER_RESTART}),
     "close_connections": (scenario_close_connections, {"ctl"}),
     "consumer_cancel": (scenario_consumer_cancel, set()),

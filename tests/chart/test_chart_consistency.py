@@ -113,6 +113,19 @@ def test_a_target_at_or_below_prefetch_is_refused_over_the_management_api() -> N
         render(values)
 
 
+def test_a_target_at_or_below_what_one_pod_of_several_processes_holds_is_refused() -> None:
+    values = deep_merge(
+        INSTALL_TIME_CREDENTIALS,
+        {"worker": {"prefetch": 256, "processes": 4}, "autoscaling": {"targetQueueLength": 1024}},
+    )
+    with pytest.raises(helm.HelmError, match=r"must exceed worker.prefetch x worker.processes \(256 x 4 = 1024\)"):
+        render(values)
+    values["autoscaling"]["targetQueueLength"] = 1025
+    assert render(values).worker_env()["WORKER_PROCESSES"] == "4"
+    values["worker"]["processes"] = "auto"
+    assert render(values).worker_env()["WORKER_PROCESSES"] == "auto"
+
+
 def test_every_worker_setting_has_one_chart_key() -> None:
     exposed = {
         camel(spec.field) for spec in SETTINGS if spec.env not in NOT_IN_CONFIGMAP and spec.field not in CHART_KEYS
@@ -161,6 +174,7 @@ def test_schema_ranges_and_choices_are_the_workers() -> None:
         pytest.param({"autoscaling": {"protocol": "https"}}, "protocol", id="protocol-not-a-choice"),
         pytest.param({"autoscaling": {"host": "http://guest:guest@rabbitmq:15672/"}}, "host", id="credentials-in-host"),
         pytest.param({"worker": {"maxBatch": "64"}}, "maxBatch", id="number-as-string"),
+        pytest.param({"worker": {"processes": "many"}}, "processes", id="processes-neither-number-nor-auto"),
     ],
 )
 def test_the_values_schema_rejects_mistakes(override: dict[str, Any], complaint: str) -> None:

@@ -107,6 +107,10 @@ WORKER_STALL_S: {{ $w.stallS | toString | quote }}
 WORKER_HTTP_PORT: {{ $w.httpPort | int | quote }}
 WORKER_LOG_FORMAT: {{ $w.logFormat | quote }}
 WORKER_LOG_LEVEL: {{ $w.logLevel | quote }}
+WORKER_PROCESSES: {{ $w.processes | toString | quote }}
+WORKER_RESTART_BACKOFF_MAX_S: {{ $w.restartBackoffMaxS | toString | quote }}
+WORKER_MAX_DEATHS: {{ $w.maxDeaths | int | quote }}
+WORKER_DEATH_WINDOW_S: {{ $w.deathWindowS | toString | quote }}
 {{- end }}
 
 {{/*
@@ -147,8 +151,11 @@ Checks across values that a schema cannot express; each failure names the keys t
 {{- if and (eq .protocol "amqp") (not (hasPrefix "amqp" .host)) }}
 {{- fail (printf "autoscaling.protocol is amqp, so autoscaling.host must be an amqp:// or amqps:// URL, not %s" .host) }}
 {{- end }}
-{{- if and (eq .protocol "http") (le (float64 .targetQueueLength) (float64 $w.prefetch)) }}
-{{- fail (printf "autoscaling.targetQueueLength (%v) must exceed worker.prefetch (%v): over the management API the unacknowledged messages a busy replica holds count too, so a target at or below prefetch would scale out replicas that have nothing to do" .targetQueueLength $w.prefetch) }}
+{{- /* A pod holds up to worker.prefetch unacknowledged messages per consumer process (at least one with auto). */}}
+{{- $processes := ternary 1 $w.processes (eq (toString $w.processes) "auto") }}
+{{- $window := mulf (float64 $w.prefetch) (float64 (max 1 $processes)) }}
+{{- if and (eq .protocol "http") (le (float64 .targetQueueLength) $window) }}
+{{- fail (printf "autoscaling.targetQueueLength (%v) must exceed worker.prefetch x worker.processes (%v x %v = %v): over the management API the unacknowledged messages a busy replica holds count too, so a target at or below what one pod holds would scale out replicas that have nothing to do" .targetQueueLength $w.prefetch $w.processes $window) }}
 {{- end }}
 {{- end }}
 {{- end }}
