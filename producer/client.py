@@ -34,6 +34,7 @@ import aio_pika.exceptions
 import numpy as np
 import numpy.typing as npt
 import structlog
+from opentelemetry.trace import TracerProvider
 
 from producer.errors import (
     ConnectionLostError,
@@ -45,6 +46,7 @@ from producer.errors import (
 from producer.messages import request_message
 from producer.names import CONTENT_TYPE_MSGPACK, DEFAULT_AMQP_URL, DEFAULT_QUEUE, DIRECT_REPLY_TO
 from producer.protocol import ErrorReply, InferReply, decode_reply, encode_request
+from producer.tracing import RoundTrips
 from producer.urls import connect_failure
 
 __all__ = ["Client", "SyncClient"]
@@ -66,6 +68,8 @@ class Client:
         timeout_s: default per-call timeout in seconds; it is also the request's deadline.
         content_type: request encoding, ``application/msgpack`` (default, fast) or ``application/json``.
         connect_timeout_s: how long to wait for the broker when connecting.
+        tracer_provider: where each call's span goes (default: the global OpenTelemetry provider; see
+            :mod:`producer.tracing`).
 
     Use as ``async with Client(...) as client`` or call :meth:`connect` and :meth:`close`. When the
     connection drops, calls awaiting a reply raise :class:`~producer.errors.ConnectionLostError`;
@@ -80,6 +84,7 @@ class Client:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         content_type: str = CONTENT_TYPE_MSGPACK,
         connect_timeout_s: float = 10.0,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
@@ -92,6 +97,7 @@ class Client:
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._pending: dict[str, asyncio.Future[InferReply | ErrorReply]] = {}
         self._connect_lock = asyncio.Lock()
+        self._traces = RoundTrips(tracer_provider)
 
     async def __aenter__(self) -> Self:
         await self.connect()
@@ -154,6 +160,7 @@ class Client:
                 future.set_exception(error)
 
     async def _on_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        self._traces.reply_arrived(message.correlation_id, message.headers)
         future = self._pending.pop(message.correlation_id or "", None)
         if future is None or future.done():
             log.debug("client_late_reply", request_id=message.correlation_id)
@@ -200,6 +207,8 @@ class Client:
         if request_id in self._pending:
             raise ValueError(f"request id {request_id!r} is already awaiting a reply")
         future: asyncio.Future[InferReply | ErrorReply] = asyncio.get_running_loop().create_future()
+        self._traces.start(message, routing_key)
+        error: BaseException | None = None
         try:
             async with asyncio.timeout(timeout_s):
                 if not self.is_connected:
@@ -209,10 +218,15 @@ class Client:
                 await self._publish(self._channel, message, routing_key)
                 reply = await future
         except TimeoutError:
-            raise RequestTimeoutError(
+            error = RequestTimeoutError(
                 f"no reply to request {request_id!r} from queue {routing_key!r} within {timeout_s:g} s"
-            ) from None
+            )
+            raise error from None
+        except BaseException as e:
+            error = e
+            raise
         finally:
+            self._traces.end(request_id, error, code=None if error or not future.done() else _error_code(future))
             if self._pending.get(request_id) is future:
                 del self._pending[request_id]
             if future.done() and not future.cancelled():
@@ -254,6 +268,14 @@ class Client:
             raise PublishRefusedError(f"the broker refused the request to queue {queue!r} (nack)") from e
         except (aio_pika.exceptions.AMQPConnectionError, aio_pika.exceptions.ChannelInvalidStateError) as e:
             raise ConnectionLostError(f"the broker connection closed while publishing: {e}") from e
+
+
+def _error_code(future: asyncio.Future[InferReply | ErrorReply]) -> str | None:
+    """The code of the error reply a finished call received, else None."""
+    if future.cancelled() or future.exception() is not None:
+        return None
+    reply = future.result()
+    return reply.code if isinstance(reply, ErrorReply) else None
 
 
 class SyncClient:

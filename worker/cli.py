@@ -11,6 +11,7 @@ import structlog
 
 from producer.errors import InferenceError
 from worker import settings as settings_mod
+from worker import tracing
 from worker.logs import configure_logging
 
 
@@ -55,13 +56,17 @@ def main(argv: list[str] | None = None) -> int:
             configure_logging(log_format=settings.log_format, level=settings.log_level)
             from worker.consumer import Worker
 
-            asyncio.run(Worker(settings).run())
+            provider = tracing.configure_from_env()
+            try:
+                asyncio.run(Worker(settings).run())
+            finally:
+                tracing.shutdown(provider)
             return 0
         if args.command == "inspect":
             return _inspect(args.model)
         if args.command == "calibrate":
             return _calibrate(args)
-    except settings_mod.SettingsError as e:
+    except (settings_mod.SettingsError, tracing.ConfigError) as e:
         print(f"worker: invalid setting: {e}", file=sys.stderr)
         return 2
     except InferenceError as e:

@@ -37,6 +37,7 @@ from worker.scheduler import Scheduler, is_expired
 from worker.settings import Settings
 from worker.settler import Settler
 from worker.tasks import TaskSet
+from worker.tracing import WorkerTracing, decoding, enqueued, job_context
 
 log = structlog.get_logger("worker")
 
@@ -60,6 +61,7 @@ class Intake:
     Args:
         on_redelivered: called for a delivery the broker marks redelivered (a suspect).
         on_first_delivery: called for a delivery seen for the first time.
+        tracing: starts each delivery's span (default: from the global tracer provider).
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class Intake:
         health: HealthState,
         on_redelivered: Callable[[], None],
         on_first_delivery: Callable[[], None],
+        tracing: WorkerTracing | None = None,
     ) -> None:
         self._settings = settings
         self._pipeline = pipeline
@@ -88,6 +91,7 @@ class Intake:
         self._on_first_delivery = on_first_delivery
         self._reply_to_pattern = re.compile(settings.reply_to_pattern)
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="intake")
+        self._tracing = tracing or WorkerTracing(settings.queue)
 
     def shutdown(self) -> None:
         """Stop the intake thread; requests it had not started are settled by the drain or the channel close."""
@@ -101,7 +105,8 @@ class Intake:
             request_id=message.correlation_id or message.message_id or "",
             received_s=time.monotonic(),
         )
-        with self._answering_failures(job):
+        self._tracing.receive(job)
+        with job_context(job), self._answering_failures(job):
             if not self._screen(job):
                 return
             if len(message.body) <= INLINE_PREPARE_BYTES:
@@ -179,13 +184,14 @@ class Intake:
     def _decode(self, job: Job) -> tuple[InferRequest, Any]:
         """Decode and prepare (validate, tokenize) a request. Pure: safe to run in the intake thread."""
         message = job.message
-        request = decode_request(message.body, message.content_type, default_id=job.request_id)
-        job.request_id = request.id
-        return request, self._pipeline.prepare(request, max_rows=self._settings.max_batch)
+        with decoding(job):
+            request = decode_request(message.body, message.content_type, default_id=job.request_id)
+            job.request_id = request.id
+            return request, self._pipeline.prepare(request, max_rows=self._settings.max_batch)
 
     async def _take_in_off_loop(self, job: Job) -> None:
         """Decode and prepare a large request in the intake thread, then queue it for a batch."""
-        with self._answering_failures(job):
+        with job_context(job), self._answering_failures(job):
             loop = asyncio.get_running_loop()
             request, prepared = await loop.run_in_executor(self._executor, self._decode, job)
             if self._health.draining:  # the drain began meanwhile and has handed back the pending work
@@ -201,4 +207,5 @@ class Intake:
             return
         job.request = request
         job.prepared = prepared
+        enqueued(job)
         self._scheduler.add(job)

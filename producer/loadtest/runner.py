@@ -33,6 +33,7 @@ from producer.loadtest.profiles import Profile, send_offsets
 from producer.loadtest.stats import NO_REPLY, OK, PENDING, PUBLISH_FAILED, DepthReading, Sample, timing_entry
 from producer.messages import request_message
 from producer.names import DIRECT_REPLY_TO
+from producer.tracing import RoundTrips
 from producer.urls import connect_failure
 
 
@@ -160,6 +161,7 @@ class LoadRunner:
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._consumers: int | None = None
         self._failure: BaseException | None = None
+        self._traces = RoundTrips()
 
     # ------------------------------------------------------------------------------------------
 
@@ -333,6 +335,7 @@ class LoadRunner:
             timeout_s=t.timeout_s if t.timeout_s > 0 else None,
         )
         sample.sent_s = self._now()
+        self._traces.start(message, t.queue)
         try:
             await self._channel.default_exchange.publish(message, routing_key=t.queue, mandatory=True)
             sample.confirmed_s = self._now()
@@ -363,6 +366,7 @@ class LoadRunner:
         sample = self.samples[int(index_text)]
         if sample.outcome != PENDING:
             return
+        self._traces.reply_arrived(message.correlation_id, message.headers)
         decoder = _HEAD_DECODERS.get(message.content_type or "")
         try:
             head = decoder.decode(message.body) if decoder is not None else None
@@ -378,6 +382,7 @@ class LoadRunner:
 
     def _finish(self, sample: Sample, outcome: str, replied_s: float | None) -> None:
         sample.outcome = outcome
+        self._traces.end(f"{self.run_id}-{sample.index}", code=None if outcome == OK else outcome)
         sample.replied_s = replied_s
         if outcome == OK:
             self._ok += 1
