@@ -13,6 +13,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from producer.names import dead_letter_queue
+from producer.tracing import sampler_from_env, tracing_requested
 from scripts import build_dashboard
 from tests.chart.helpers import CHART_DIR, INSTALL_TIME_CREDENTIALS, NAMESPACE, Rendered, deep_merge, render
 from worker.metrics import WorkerMetrics
@@ -181,3 +182,24 @@ def test_prometheus_templates_in_annotations_survive_helm() -> None:
     found = rules(observability())
     assert "{{ $value | humanizePercentage }}" in found["QinferErrorReplies"]["annotations"]["description"]
     assert "{{ $value }}" in found["QinferDeadLetterQueueNotEmpty"]["annotations"]["summary"]
+
+
+def test_tracing_values_become_otel_variables_the_worker_accepts() -> None:
+    env = render(
+        deep_merge(
+            {"tracing": {"enabled": True, "protocol": "grpc", "resourceAttributes": "deployment.environment=prod"}},
+            INSTALL_TIME_CREDENTIALS,
+        )
+    ).worker_env()
+    otel = {k: v for k, v in env.items() if k.startswith("OTEL_")}
+    assert tracing_requested(otel)
+    assert "0.01" in sampler_from_env(otel).get_description()
+    assert otel["OTEL_EXPORTER_OTLP_PROTOCOL"] == "grpc"
+    assert otel["OTEL_SERVICE_NAME"] == "qinfer"
+    assert otel["OTEL_RESOURCE_ATTRIBUTES"] == f"k8s.namespace.name={NAMESPACE},deployment.environment=prod"
+
+
+def test_without_tracing_values_the_worker_gets_no_otel_variables() -> None:
+    env = render(INSTALL_TIME_CREDENTIALS).worker_env()
+    assert not [k for k in env if k.startswith("OTEL_")]
+    assert not tracing_requested(env)
