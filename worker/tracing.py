@@ -8,7 +8,10 @@ publisher's, see :mod:`producer.tracing`) and records, as children of it::
       batch wait             INTERNAL  queued for a batch -> start of its model run
       publish reply          PRODUCER  the reply publish (its context travels back in the reply headers)
     run <model>              INTERNAL  one model run: rows, requests, compute time, device; a link
-                                       to the process span of every request it carried
+                                       to the process span of every sampled request it carried
+
+A request that is not sampled keeps its (non-recording) process span, whose context its log lines
+and its reply carry, and gets no step spans.
 
 Error replies and deadline skips set the request span's status to ERROR. A job carries its
 :class:`JobTrace` (``Job.trace``); with tracing off (no SDK tracer provider) it stays None and every
@@ -53,6 +56,7 @@ ConfigError = wire.ConfigError
 shutdown = wire.shutdown
 
 _NO_CONTEXT = contextlib.nullcontext()
+_NO_HEADERS: contextlib.nullcontext[None] = contextlib.nullcontext(None)
 
 
 def _ns(monotonic_s: float) -> int:
@@ -117,13 +121,19 @@ def log_ids(job: Job) -> dict[str, str]:
     return {"trace_id": format(ctx.trace_id, "032x"), "span_id": format(ctx.span_id, "016x")}
 
 
-@contextlib.contextmanager
-def decoding(job: Job) -> Iterator[None]:
-    """The decode/validate step of ``job`` as a child span (current meanwhile); exceptions pass through."""
+def decoding(job: Job) -> contextlib.AbstractContextManager[Any]:
+    """The decode/validate step of ``job`` as a child span (current meanwhile); exceptions pass through.
+
+    Steps of a request that is not sampled get no span: they would not be recorded either.
+    """
     t = job.trace
-    if t is None:
-        yield
-        return
+    if t is None or not t.span.is_recording():
+        return _NO_CONTEXT
+    return _decoding(t)
+
+
+@contextlib.contextmanager
+def _decoding(t: JobTrace) -> Iterator[None]:
     parent = trace.set_span_in_context(t.span)
     span = t.tracer.start_span("decode", context=parent)
     token = otel_context.attach(trace.set_span_in_context(span, parent))
@@ -154,45 +164,52 @@ def model_run(jobs: Sequence[Job], *, started_s: float, compute_s: float, rows: 
         compute_s: how long it took.
         rows, model, device: the run's rows, the model's name, the ONNX Runtime provider it ran on.
     """
-    traced = [j.trace for j in jobs if j.trace is not None]
-    if not traced:
+    recording = [j.trace for j in jobs if j.trace is not None and j.trace.span.is_recording()]
+    if not recording:
         return
     start_ns = _ns(started_s)
     end_ns = start_ns + int(compute_s * 1e9)
-    recording = [t for t in traced if t.span.is_recording()]
     for t in recording:
         wait = t.tracer.start_span(
             "batch wait", context=trace.set_span_in_context(t.span), start_time=t.enqueued_ns or start_ns
         )
         wait.end(end_time=start_ns)
         t.span.set_attributes({"qinfer.compute_ms": round(compute_s * 1e3, 3), "qinfer.batch.rows": rows})
-    attributes: Attributes = None
-    if recording:
-        attributes = {
-            "qinfer.model": model,
-            "qinfer.device": device,
-            "qinfer.batch.rows": rows,
-            "qinfer.batch.requests": len(jobs),
-            "qinfer.compute_ms": round(compute_s * 1e3, 3),
-            wire.MESSAGING_BATCH_COUNT: len(jobs),
-        }
-    run = traced[0].tracer.start_span(
+    attributes: Attributes = {
+        "qinfer.model": model,
+        "qinfer.device": device,
+        "qinfer.batch.rows": rows,
+        "qinfer.batch.requests": len(jobs),
+        "qinfer.compute_ms": round(compute_s * 1e3, 3),
+        wire.MESSAGING_BATCH_COUNT: len(jobs),
+    }
+    run = recording[0].tracer.start_span(
         f"run {model}",
         context=otel_context.Context(),  # a root: the requests are links, not parents
-        links=wire.link_to([t.span for t in traced]),
+        links=wire.link_to([t.span for t in recording]),
         attributes=attributes,
         start_time=start_ns,
     )
     run.end(end_time=end_ns)
 
 
-@contextlib.contextmanager
-def publishing_reply(job: Job) -> Iterator[dict[str, Any] | None]:
-    """The reply publish as a PRODUCER child span; yields the reply headers carrying its context (None: off)."""
+def publishing_reply(job: Job) -> contextlib.AbstractContextManager[dict[str, Any] | None]:
+    """The reply publish as a PRODUCER child span; yields the reply headers carrying its context (None: off).
+
+    A request that is not sampled gets no reply span; its reply carries the request span's context.
+    """
     t = job.trace
     if t is None:
-        yield None
-        return
+        return _NO_HEADERS
+    if not t.span.is_recording():
+        headers: dict[str, Any] = {}
+        wire.inject_context(headers, t.span)
+        return contextlib.nullcontext(headers)
+    return _publishing_reply(t, job)
+
+
+@contextlib.contextmanager
+def _publishing_reply(t: JobTrace, job: Job) -> Iterator[dict[str, Any] | None]:
     to = job.reply_to
     direct = to is not None and to.address.startswith(DIRECT_REPLY_TO)
     span = t.tracer.start_span("publish reply", context=trace.set_span_in_context(t.span), kind=SpanKind.PRODUCER)
