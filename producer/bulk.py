@@ -51,6 +51,7 @@ import aio_pika.abc
 import aio_pika.exceptions
 import aiormq.exceptions
 import structlog
+from opentelemetry import trace
 
 from producer.bulk_auth import (
     JobStateError,
@@ -86,6 +87,7 @@ from producer.names import (
     results_queue_arguments,
 )
 from producer.protocol import ErrorCode, ErrorReply, decode_reply, encode_request
+from producer.tracing import start_publish, tracer
 
 __all__ = [
     "BulkJob",
@@ -612,8 +614,10 @@ class BulkJob:
     async def _publish_one(self, message: aio_pika.Message) -> None:
         assert self._publish_channel is not None
         queue = self.options.queue
+        span = start_publish(tracer(), message, queue)  # ends at the broker's confirm: replies come later
         try:
-            await self._publish_channel.default_exchange.publish(message, routing_key=queue, mandatory=True)
+            with trace.use_span(span, end_on_exit=True):
+                await self._publish_channel.default_exchange.publish(message, routing_key=queue, mandatory=True)
         except aio_pika.exceptions.PublishError as e:
             raise PublishRefusedError(
                 f"no queue named {queue!r}: start a worker for it (it declares the queue) and rerun"

@@ -9,6 +9,7 @@ import uuid
 
 import aio_pika
 
+from producer import tracing
 from producer.bulk_cli import add_bulk_parser, run_bulk
 from producer.loadtest_cli import add_loadtest_parser, run_loadtest
 from producer.messages import request_message
@@ -53,15 +54,35 @@ async def _send(url: str, queue: str, body: bytes, content_type: str, timeout_s:
         message = request_message(
             body, request_id=str(uuid.uuid4()), content_type=content_type, reply_to=DIRECT_REPLY_TO, timeout_s=timeout_s
         )
-        await channel.default_exchange.publish(message, routing_key=queue, mandatory=True)
-        reply = await asyncio.wait_for(replies.get(), timeout_s)
+        traces = tracing.RoundTrips()
+        traces.start(message, queue)
+        try:
+            await channel.default_exchange.publish(message, routing_key=queue, mandatory=True)
+            reply = await asyncio.wait_for(replies.get(), timeout_s)
+        except BaseException as e:
+            traces.end(message.correlation_id or "", e)
+            raise
+        traces.reply_arrived(reply.correlation_id, reply.headers)
+        traces.end(message.correlation_id or "")
         return reply.body
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        provider = tracing.configure_from_env("qinfer-producer")
+    except tracing.ConfigError as e:
+        print(f"producer: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _run(args)
+    finally:
+        tracing.shutdown(provider)
+
+
+def _run(args: argparse.Namespace) -> int:
     import os
 
-    args = build_parser().parse_args(argv)
     if args.command == "load-test":
         return run_loadtest(args)
     if args.command == "bulk":

@@ -36,6 +36,7 @@ import aio_pika.exceptions
 import numpy as np
 import numpy.typing as npt
 import structlog
+from opentelemetry.trace import TracerProvider
 
 from producer.coalesce import Arrays, Coalescer, lane_key, pack_rows, split_rows
 from producer.errors import (
@@ -48,6 +49,7 @@ from producer.errors import (
 from producer.messages import request_message
 from producer.names import CONTENT_TYPE_MSGPACK, DEFAULT_AMQP_URL, DEFAULT_QUEUE, DIRECT_REPLY_TO
 from producer.protocol import ErrorCode, ErrorReply, InferReply, as_tensor, decode_reply, encode_request
+from producer.tracing import RoundTrips
 from producer.urls import connect_failure
 
 __all__ = ["Client", "SyncClient"]
@@ -105,6 +107,8 @@ class Client:
             multi-row request while an earlier one awaits the broker's confirm; a call never waits
             for company. Each caller still gets its own reply (its rows, the model version, the
             timing). ``1`` turns packing off.
+        tracer_provider: where each call's span goes (default: the global OpenTelemetry provider; see
+            :mod:`producer.tracing`).
 
     Use as ``async with Client(...) as client`` or call :meth:`connect` and :meth:`close`. When the
     connection drops, calls awaiting a reply raise :class:`~producer.errors.ConnectionLostError`;
@@ -120,6 +124,7 @@ class Client:
         content_type: str = CONTENT_TYPE_MSGPACK,
         connect_timeout_s: float = 10.0,
         coalesce_rows: int = DEFAULT_COALESCE_ROWS,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
@@ -142,6 +147,7 @@ class Client:
         )
         self._calls: dict[str, _Call] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._traces = RoundTrips(tracer_provider)
 
     async def __aenter__(self) -> Self:
         await self.connect()
@@ -208,6 +214,7 @@ class Client:
                 future.set_exception(error)
 
     async def _on_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        self._traces.reply_arrived(message.correlation_id, message.headers)
         future = self._pending.pop(message.correlation_id or "", None)
         if future is None or future.done():
             log.debug("client_late_reply", request_id=message.correlation_id)
@@ -262,6 +269,8 @@ class Client:
         if request_id in self._pending:
             raise ValueError(f"request id {request_id!r} is already awaiting a reply")
         future: asyncio.Future[InferReply | ErrorReply] = asyncio.get_running_loop().create_future()
+        self._traces.start(message, routing_key)
+        error: BaseException | None = None
         try:
             async with asyncio.timeout(timeout_s):
                 if not self.is_connected:
@@ -271,10 +280,15 @@ class Client:
                 await self._publish(self._channel, message, routing_key)
                 reply = await future
         except TimeoutError:
-            raise RequestTimeoutError(
+            error = RequestTimeoutError(
                 f"no reply to request {request_id!r} from queue {routing_key!r} within {timeout_s:g} s"
-            ) from None
+            )
+            raise error from None
+        except BaseException as e:
+            error = e
+            raise
         finally:
+            self._traces.end(request_id, error, code=None if error or not future.done() else _error_code(future))
             if self._pending.get(request_id) is future:
                 del self._pending[request_id]
             if future.done() and not future.cancelled():
@@ -345,12 +359,22 @@ class Client:
                 await self.connect()
             assert self._channel is not None
             self._pending[request_id] = future
+            self._traces.start(message, first.routing_key)
+            future.add_done_callback(functools.partial(self._end_trace, request_id))
             await self._publish(self._channel, message, first.routing_key)
         except Exception as e:
             self._pending.pop(request_id, None)
             for call in calls:
                 if not call.future.done():
                     call.future.set_exception(e)
+
+    def _end_trace(self, request_id: str, future: asyncio.Future[InferReply | ErrorReply]) -> None:
+        """End the span of a request sent for coalesced calls once its reply (or failure) is in."""
+        if future.cancelled():
+            self._traces.end(request_id, RequestTimeoutError("no caller awaits the reply any more"))
+            return
+        error = future.exception()
+        self._traces.end(request_id, error, code=None if error else _error_code(future))
 
     def _unpack(self, calls: list[_Call], future: asyncio.Future[InferReply | ErrorReply]) -> None:
         """Hand each caller of a packed request its own reply: its rows, or the error that concerns it."""
@@ -430,6 +454,14 @@ class Client:
             raise PublishRefusedError(f"the broker refused the request to queue {queue!r} (nack)") from e
         except (aio_pika.exceptions.AMQPConnectionError, aio_pika.exceptions.ChannelInvalidStateError) as e:
             raise ConnectionLostError(f"the broker connection closed while publishing: {e}") from e
+
+
+def _error_code(future: asyncio.Future[InferReply | ErrorReply]) -> str | None:
+    """The code of the error reply a finished call received, else None."""
+    if future.cancelled() or future.exception() is not None:
+        return None
+    reply = future.result()
+    return reply.code if isinstance(reply, ErrorReply) else None
 
 
 class SyncClient:

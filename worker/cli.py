@@ -12,6 +12,7 @@ import structlog
 
 from producer.errors import InferenceError
 from worker import settings as settings_mod
+from worker import tracing
 from worker.logs import configure_logging
 
 
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             return _inspect(args.model)
         if args.command == "calibrate":
             return _calibrate(args)
-    except settings_mod.SettingsError as e:
+    except (settings_mod.SettingsError, tracing.ConfigError) as e:
         print(f"worker: invalid setting: {e}", file=sys.stderr)
         return 2
     except InferenceError as e:
@@ -86,7 +87,11 @@ def _run(settings: settings_mod.Settings) -> int:
 
         if CHILD_INDEX_ENV in os.environ:  # a supervisor's consumer process: say which in every line
             structlog.contextvars.bind_contextvars(child=int(os.environ[CHILD_INDEX_ENV]))
-        asyncio.run(Worker(settings).run())
+        provider = tracing.configure_from_env()  # each consumer process exports its own spans
+        try:
+            asyncio.run(Worker(settings).run())
+        finally:
+            tracing.shutdown(provider)
         return 0
     return asyncio.run(Supervisor(settings, processes).run())
 

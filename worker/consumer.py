@@ -28,6 +28,7 @@ from typing import Any
 import aiormq.exceptions
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
+from opentelemetry.trace import TracerProvider
 
 from worker.acks import Outcome
 from worker.broker import connect, declare_request_queue
@@ -43,6 +44,7 @@ from worker.scheduler import Scheduler
 from worker.settings import Settings
 from worker.settler import Settler
 from worker.tasks import TaskSet
+from worker.tracing import WorkerTracing
 
 log = structlog.get_logger("worker")
 
@@ -67,10 +69,16 @@ class Worker:
         settings: validated settings.
         pipeline: an already loaded model (tests share one); loaded from ``settings.model`` if None.
         install_signal_handlers: drain on SIGTERM/SIGINT; off when a caller drives shutdown itself.
+        tracer_provider: where the worker's spans go (default: the global OpenTelemetry provider).
     """
 
     def __init__(
-        self, settings: Settings, pipeline: Pipeline | None = None, *, install_signal_handlers: bool = True
+        self,
+        settings: Settings,
+        pipeline: Pipeline | None = None,
+        *,
+        install_signal_handlers: bool = True,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.settings = settings
         self.pipeline = pipeline
@@ -80,6 +88,7 @@ class Worker:
         self.stop_event = asyncio.Event()
         self.consuming_event = asyncio.Event()
         self._tasks = TaskSet()
+        self._tracing = WorkerTracing(settings.queue, tracer_provider)
         self._runner = ModelRunner()
         self._replier = Replier(settings.amqp_url, connect_timeout_s=settings.connect_timeout_s)
         self._settler = Settler(self.metrics, on_hold=self._on_hold, on_release=self._on_release)
@@ -178,6 +187,7 @@ class Worker:
             health=self.health,
             on_redelivered=self._isolate_suspects,
             on_first_delivery=self._open_window,
+            tracing=self._tracing,
         )
         return _Parts(pipeline, replies, scheduler, intake)
 

@@ -36,6 +36,7 @@ from worker.scheduler import Scheduler, is_expired
 from worker.settings import Settings
 from worker.settler import Settler
 from worker.tasks import TaskSet
+from worker.tracing import WorkerTracing, decoding, enqueued, job_context
 
 log = structlog.get_logger("worker")
 
@@ -60,6 +61,7 @@ class Intake:
     Args:
         on_redelivered: called for a delivery the broker marks redelivered (a suspect).
         on_first_delivery: called for a delivery seen for the first time.
+        tracing: starts each delivery's span (default: from the global tracer provider).
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class Intake:
         health: HealthState,
         on_redelivered: Callable[[], None],
         on_first_delivery: Callable[[], None],
+        tracing: WorkerTracing | None = None,
     ) -> None:
         self._settings = settings
         self._pipeline = pipeline
@@ -90,6 +93,7 @@ class Intake:
         # reply_to values repeat (one per client channel or results queue): classify each once.
         self._reply_to_seen: dict[str | None, ReplyTo] = {}
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="intake")
+        self._tracing = tracing or WorkerTracing(settings.queue)
 
     def shutdown(self) -> None:
         """Stop the intake thread; requests it had not started are settled by the drain or the channel close."""
@@ -103,16 +107,18 @@ class Intake:
             request_id=message.correlation_id or message.message_id or "",
             received_s=time.monotonic(),
         )
-        try:
-            if not self._screen(job):
-                return
-            if len(message.body) <= INLINE_PREPARE_BYTES:
-                request, prepared = self._decode(job)
-                self._enqueue(job, request, prepared)
-            else:
-                self._tasks.spawn(self._take_in_off_loop(job))
-        except Exception as e:  # whatever the delivery made raise, it still ends settled
-            self._failed(job, e)
+        self._tracing.receive(job)
+        with job_context(job):
+            try:
+                if not self._screen(job):
+                    return
+                if len(message.body) <= INLINE_PREPARE_BYTES:
+                    request, prepared = self._decode(job)
+                    self._enqueue(job, request, prepared)
+                else:
+                    self._tasks.spawn(self._take_in_off_loop(job))
+            except Exception as e:  # whatever the delivery made raise, it still ends settled
+                self._failed(job, e)
 
     def _failed(self, job: Job, error: Exception) -> None:
         """Turn anything raised while taking in ``job`` into its error reply (or dead-letter)."""
@@ -190,21 +196,23 @@ class Intake:
     def _decode(self, job: Job) -> tuple[InferRequest, Any]:
         """Decode and prepare (validate, tokenize) a request. Pure: safe to run in the intake thread."""
         message = job.message
-        request = decode_request(message.body, message.content_type, default_id=job.request_id)
-        job.request_id = request.id
-        return request, self._pipeline.prepare(request, max_rows=self._settings.max_batch)
+        with decoding(job):
+            request = decode_request(message.body, message.content_type, default_id=job.request_id)
+            job.request_id = request.id
+            return request, self._pipeline.prepare(request, max_rows=self._settings.max_batch)
 
     async def _take_in_off_loop(self, job: Job) -> None:
         """Decode and prepare a large request in the intake thread, then queue it for a batch."""
-        try:
-            loop = asyncio.get_running_loop()
-            request, prepared = await loop.run_in_executor(self._executor, self._decode, job)
-            if self._health.draining:  # the drain began meanwhile and has handed back the pending work
-                await self._settler.settle([(job, Outcome.NOT_STARTED)])
-                return
-            self._enqueue(job, request, prepared)
-        except Exception as e:
-            self._failed(job, e)
+        with job_context(job):
+            try:
+                loop = asyncio.get_running_loop()
+                request, prepared = await loop.run_in_executor(self._executor, self._decode, job)
+                if self._health.draining:  # the drain began meanwhile and has handed back the pending work
+                    await self._settler.settle([(job, Outcome.NOT_STARTED)])
+                    return
+                self._enqueue(job, request, prepared)
+            except Exception as e:
+                self._failed(job, e)
 
     def _enqueue(self, job: Job, request: InferRequest, prepared: Any) -> None:
         """Queue a prepared request for a batch (or answer it if its deadline passed meanwhile)."""
@@ -214,4 +222,5 @@ class Intake:
             return
         job.request = request
         job.prepared = prepared
+        enqueued(job)
         self._scheduler.add(job)

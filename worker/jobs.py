@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
+from opentelemetry.trace import Span, Tracer
 
 from producer.protocol import InferRequest
 from worker.acks import AckLedger
@@ -33,6 +34,17 @@ class Job:
     reply: Reply | None = None  # kept while the broker refuses it, to publish again
     refused_since_s: float | None = None  # monotonic
     reply_attempts: int = 0
+    trace: JobTrace | None = None  # its spans; None with tracing off
+
+
+@dataclasses.dataclass(slots=True)
+class JobTrace:
+    """The spans of one job (see ``worker.tracing``)."""
+
+    span: Span  # the CONSUMER span: delivery -> settled
+    tracer: Tracer
+    enqueued_ns: int = 0  # epoch ns when it was queued for a batch
+    ended: bool = False
 
 
 @dataclasses.dataclass(slots=True)

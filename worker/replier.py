@@ -93,16 +93,31 @@ class Replier:
                 except Exception as e:
                     log.debug("close_failed", error=repr(e))
 
-    async def publish(self, body: bytes, *, content_type: str, correlation_id: str | None, to: ReplyTo) -> Published:
-        """Publish one reply to ``to`` and wait for the broker's verdict. Never raises for broker trouble."""
+    async def publish(
+        self,
+        body: bytes,
+        *,
+        content_type: str,
+        correlation_id: str | None,
+        to: ReplyTo,
+        headers: dict[str, Any] | None = None,
+    ) -> Published:
+        """Publish one reply to ``to`` and wait for the broker's verdict. Never raises for broker trouble.
+
+        ``headers``: AMQP headers of the reply (the trace context), or None.
+        """
         if to.kind is ReplyToKind.DIRECT and to.pid not in self._trusted:
-            verdict = await self._probe(body, content_type=content_type, correlation_id=correlation_id, to=to)
+            verdict = await self._probe(
+                body, content_type=content_type, correlation_id=correlation_id, to=to, headers=headers
+            )
             if verdict is not None:
                 return verdict
         assert self._channel is not None
         try:
             channel = await self._channel.get_underlay_channel()
-            await self._basic_publish(channel, body, content_type=content_type, correlation_id=correlation_id, to=to)
+            await self._basic_publish(
+                channel, body, content_type=content_type, correlation_id=correlation_id, to=to, headers=headers
+            )
         except aiormq.exceptions.PublishError:
             return Published.UNROUTABLE
         except aiormq.exceptions.DeliveryError:
@@ -116,7 +131,13 @@ class Replier:
 
     @staticmethod
     async def _basic_publish(
-        channel: Any, body: bytes, *, content_type: str, correlation_id: str | None, to: ReplyTo
+        channel: Any,
+        body: bytes,
+        *,
+        content_type: str,
+        correlation_id: str | None,
+        to: ReplyTo,
+        headers: dict[str, Any] | None = None,
     ) -> None:
         direct = to.kind is ReplyToKind.DIRECT
         await channel.basic_publish(
@@ -127,12 +148,19 @@ class Replier:
                 content_type=content_type,
                 correlation_id=correlation_id,
                 delivery_mode=_TRANSIENT if direct else _PERSISTENT,
+                headers=headers or None,
             ),
             mandatory=not direct,
         )
 
     async def _probe(
-        self, body: bytes, *, content_type: str, correlation_id: str | None, to: ReplyTo
+        self,
+        body: bytes,
+        *,
+        content_type: str,
+        correlation_id: str | None,
+        to: ReplyTo,
+        headers: dict[str, Any] | None = None,
     ) -> Published | None:
         """Publish the first reply to an untrusted pid alone on the probation connection.
 
@@ -150,7 +178,7 @@ class Replier:
         verdict = Published.LOST
         try:
             verdict = await self._publish_on_probation(
-                body, content_type=content_type, correlation_id=correlation_id, to=to
+                body, content_type=content_type, correlation_id=correlation_id, to=to, headers=headers
             )
         finally:
             del self._probing[to.pid]
@@ -162,7 +190,13 @@ class Replier:
         return verdict
 
     async def _publish_on_probation(
-        self, body: bytes, *, content_type: str, correlation_id: str | None, to: ReplyTo
+        self,
+        body: bytes,
+        *,
+        content_type: str,
+        correlation_id: str | None,
+        to: ReplyTo,
+        headers: dict[str, Any] | None = None,
     ) -> Published:
         async with self._probation_lock:
             try:
@@ -176,7 +210,12 @@ class Replier:
                         await self._probation.channel(publisher_confirms=True)
                     ).get_underlay_channel()
                 await self._basic_publish(
-                    self._probation_channel, body, content_type=content_type, correlation_id=correlation_id, to=to
+                    self._probation_channel,
+                    body,
+                    content_type=content_type,
+                    correlation_id=correlation_id,
+                    to=to,
+                    headers=headers,
                 )
             except aiormq.exceptions.ConnectionInternalError:
                 self._probation = None

@@ -28,6 +28,7 @@ from worker.metrics import WorkerMetrics
 from worker.replier import Published, Replier
 from worker.settler import Settler, open_channel
 from worker.tasks import TaskSet
+from worker.tracing import error_reply, log_ids, publishing_reply
 
 log = structlog.get_logger("worker")
 
@@ -108,12 +109,13 @@ class Replies:
         if len(message) > MAX_ERROR_CHARS:
             message = f"{message[:MAX_ERROR_CHARS]}... (message cut at {MAX_ERROR_CHARS} characters)"
         content_type = reply_content_type(job.message.content_type)
+        error_reply(job, str(code))
         return Reply(job, encode_error(job.request_id, code, message, content_type), content_type, str(code))
 
     def deadline_error(self, job: Job, now_ms: float) -> Reply:
         """The ``deadline_exceeded`` reply for a job whose deadline passed before it was computed."""
         late_ms = now_ms - (job.deadline_ms or now_ms)
-        log.info("deadline_exceeded", request_id=clip(job.request_id), late_ms=round(late_ms, 1))
+        log.info("deadline_exceeded", request_id=clip(job.request_id), late_ms=round(late_ms, 1), **log_ids(job))
         return self.error(
             job,
             ErrorCode.DEADLINE_EXCEEDED,
@@ -149,6 +151,7 @@ class Replies:
                 log.warning(
                     "reply_unroutable" if unroutable else "reply_to_fatal",
                     request_id=clip(job.request_id),
+                    **log_ids(job),
                     reply_to=job.message.reply_to,
                     action="dead-lettered",
                     why="the broker could not route the reply: its queue does not exist (NO_ROUTE)"
@@ -159,7 +162,7 @@ class Replies:
             elif published is Published.LOST:
                 settled.append((job, Outcome.REPLY_LOST))
             elif isinstance(published, Exception):
-                log.warning("reply_lost", request_id=clip(job.request_id), error=repr(published))
+                log.warning("reply_lost", request_id=clip(job.request_id), error=repr(published), **log_ids(job))
                 settled.append((job, Outcome.REPLY_LOST))
             else:
                 raise published
@@ -168,9 +171,14 @@ class Replies:
     async def _publish(self, reply: Reply) -> Published:
         job = reply.job
         assert job.reply_to is not None
-        return await self._replier.publish(
-            reply.body, content_type=reply.content_type, correlation_id=job.message.correlation_id, to=job.reply_to
-        )
+        with publishing_reply(job) as headers:
+            return await self._replier.publish(
+                reply.body,
+                content_type=reply.content_type,
+                correlation_id=job.message.correlation_id,
+                to=job.reply_to,
+                headers=headers,
+            )
 
     def _refused(self, reply: Reply) -> Outcome:
         """Hold a refused reply for another try, or hand its request back once held too long."""
@@ -182,6 +190,7 @@ class Replies:
         log.warning(
             "reply_refused",
             request_id=clip(job.request_id),
+            **log_ids(job),
             reply_to=job.message.reply_to,
             attempt=job.reply_attempts,
             action="hand back" if too_long else "hold and retry",

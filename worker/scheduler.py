@@ -28,6 +28,7 @@ from worker.model import Pipeline
 from worker.replies import Replies, clip
 from worker.runner import ModelRunner, RunResult
 from worker.settings import Settings
+from worker.tracing import log_ids, model_run
 
 log = structlog.get_logger("worker")
 
@@ -159,13 +160,21 @@ class Scheduler:
         m.batch_rows.observe(rows)
         m.batch_requests.observe(len(jobs))
         m.rows.inc(rows)
+        model_run(
+            jobs,
+            started_s=started,
+            compute_s=compute_s,
+            rows=rows,
+            model=self._pipeline.name,
+            device=self._pipeline.providers[0],
+        )
         timing = {"batch_rows": rows, "batch_requests": len(jobs), "compute_ms": round(compute_s * 1e3, 3)}
         replies: list[Reply] = []
         for job, outputs in zip(jobs, results, strict=True):
             wait_s = started - job.received_s
             m.batch_wait_seconds.observe(wait_s)
             if isinstance(outputs, Exception):
-                log.warning("inference_failed", request_id=clip(job.request_id), error=clip(outputs))
+                log.warning("inference_failed", request_id=clip(job.request_id), error=clip(outputs), **log_ids(job))
                 replies.append(
                     self._replies.error(
                         job, ErrorCode.INFERENCE_FAILED, f"the model failed on this request: {clip(str(outputs))}"

@@ -22,6 +22,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from worker.acks import AckAction, AckLedger, Outcome, ack_action
 from worker.jobs import Job
 from worker.metrics import WorkerMetrics
+from worker.tracing import end_job, held, log_ids
 
 log = structlog.get_logger("worker")
 
@@ -92,13 +93,20 @@ class Settler:
                 if action is AckAction.HOLD and channel is not None:
                     job.ledger.hold(tag)
                     self._metrics.count("reply_held")
+                    held(job)
                     self._on_hold(job)
                     continue
                 self._metrics.inflight.dec()
                 self._on_release(job)
+                end_job(job, outcome.value, action.value)
                 if channel is None:
                     # The broker already requeued everything unacked on that channel.
-                    log.debug("settle_dropped_closed_channel", request_id=job.request_id[:200], outcome=outcome.value)
+                    log.debug(
+                        "settle_dropped_closed_channel",
+                        request_id=job.request_id[:200],
+                        outcome=outcome.value,
+                        **log_ids(job),
+                    )
                     continue
                 job.ledger.release(tag)
                 entry = to_ack.setdefault(id(job.ledger), (job.ledger, channel, []))

@@ -35,6 +35,7 @@ from producer.loadtest.stats import NO_REPLY, OK, PENDING, PUBLISH_FAILED, Depth
 from producer.messages import request_message
 from producer.names import DIRECT_REPLY_TO
 from producer.protocol import decode_request, encode_request
+from producer.tracing import RoundTrips
 from producer.urls import connect_failure
 
 
@@ -174,6 +175,7 @@ class LoadRunner:
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._consumers: int | None = None
         self._failure: BaseException | None = None
+        self._traces = RoundTrips()
 
     # ------------------------------------------------------------------------------------------
 
@@ -352,6 +354,7 @@ class LoadRunner:
             timeout_s=t.timeout_s if t.timeout_s > 0 else None,
         )
         sample.sent_s = self._now()
+        self._traces.start(message, t.queue)
         try:
             await self._channel.default_exchange.publish(message, routing_key=t.queue, mandatory=True)
             sample.confirmed_s = self._now()
@@ -378,6 +381,7 @@ class LoadRunner:
         sent_s = self._now()
         for sample in samples:
             sample.sent_s = sent_s
+        self._traces.start(message, t.queue)
         try:
             await self._channel.default_exchange.publish(message, routing_key=t.queue, mandatory=True)
         except (aio_pika.exceptions.DeliveryError, aiormq.exceptions.AMQPError, ConnectionError) as e:
@@ -418,6 +422,7 @@ class LoadRunner:
             return
         if not samples:
             return
+        self._traces.reply_arrived(message.correlation_id, message.headers)
         decoder = _HEAD_DECODERS.get(message.content_type or "")
         try:
             head = decoder.decode(message.body) if decoder is not None else None
@@ -429,6 +434,8 @@ class LoadRunner:
             outcome, timing = head.error.code, None
         else:
             outcome, timing = OK, timing_entry(head.parameters)
+        if index_text.startswith("p"):  # a packed request's span (each sample's own ends in _finish)
+            self._traces.end(message.correlation_id or "", code=None if outcome == OK else outcome)
         for sample in samples:
             if timing is not None:
                 sample.timing = timing
@@ -436,6 +443,7 @@ class LoadRunner:
 
     def _finish(self, sample: Sample, outcome: str, replied_s: float | None) -> None:
         sample.outcome = outcome
+        self._traces.end(f"{self.run_id}-{sample.index}", code=None if outcome == OK else outcome)
         sample.replied_s = replied_s
         if outcome == OK:
             self._ok += 1

@@ -160,3 +160,26 @@ Checks across values that a schema cannot express; each failure names the keys t
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/*
+OpenTelemetry's own variables for the worker's traces (see the README's Tracing section); none unless
+tracing.enabled.
+*/}}
+{{- define "qinfer.tracingEnv" -}}
+{{- with .Values.tracing }}
+{{- if .enabled }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ .endpoint | quote }}
+- name: OTEL_EXPORTER_OTLP_PROTOCOL
+  value: {{ .protocol | quote }}
+- name: OTEL_SERVICE_NAME
+  value: {{ .serviceName | default (include "qinfer.fullname" $) | quote }}
+- name: OTEL_TRACES_SAMPLER
+  value: {{ .sampler | quote }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ .samplerRatio | toString | quote }}
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: {{ printf "k8s.namespace.name=%s%s" $.Release.Namespace (.resourceAttributes | default "" | printf ",%s" | trimSuffix ",") | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
