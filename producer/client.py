@@ -307,15 +307,23 @@ class Client:
         call = _Call(arrays, rows, request_id, lane[0], outputs, loop.time() + timeout_s, loop.create_future())
         self._calls[request_id] = call
         self._coalescer.submit(lane, call)
+        error: BaseException | None = None
         try:
             async with asyncio.timeout(timeout_s):
                 reply = await call.future
         except TimeoutError:
-            raise RequestTimeoutError(
+            error = RequestTimeoutError(
                 f"no reply to request {request_id!r} from queue {lane[0]!r} within {timeout_s:g} s"
-            ) from None
+            )
+            raise error from None
+        except BaseException as e:
+            error = e
+            raise
         finally:
             del self._calls[request_id]
+            if call.packed_id is None:  # sent alone: its span ends with the call (a packed one's with the pack)
+                done = call.future.done() and not call.future.cancelled()
+                self._traces.end(request_id, error, code=_error_code(call.future) if done and not error else None)
             self._forget(call)
         if isinstance(reply, ErrorReply):
             raise ErrorReplyError(reply.id or request_id, reply.code, reply.message)
@@ -360,7 +368,8 @@ class Client:
             assert self._channel is not None
             self._pending[request_id] = future
             self._traces.start(message, first.routing_key)
-            future.add_done_callback(functools.partial(self._end_trace, request_id))
+            if len(calls) > 1:
+                future.add_done_callback(functools.partial(self._end_trace, request_id))
             await self._publish(self._channel, message, first.routing_key)
         except Exception as e:
             self._pending.pop(request_id, None)
@@ -369,7 +378,7 @@ class Client:
                     call.future.set_exception(e)
 
     def _end_trace(self, request_id: str, future: asyncio.Future[InferReply | ErrorReply]) -> None:
-        """End the span of a request sent for coalesced calls once its reply (or failure) is in."""
+        """End the span of a packed request once its reply (or failure) is in."""
         if future.cancelled():
             self._traces.end(request_id, RequestTimeoutError("no caller awaits the reply any more"))
             return
