@@ -1,7 +1,8 @@
-"""The records that travel through the worker: one :class:`Job` per delivery, one :class:`Reply` per answer.
+"""The records that travel through the worker: one :class:`Job` per delivery, its :class:`Piece` s, one
+:class:`Reply` per answer.
 
-Data only. Created by ``worker.intake``; batched by ``worker.scheduler``; answered by
-``worker.replies``; settled by ``worker.settler``.
+Data only. Created by ``worker.intake``; split into pieces and batched by ``worker.scheduler``;
+answered by ``worker.replies``; settled by ``worker.settler``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from producer.protocol import InferRequest
 from worker.acks import AckLedger
+from worker.assembly import Assembly
 from worker.reply_to import ReplyTo
 
 
@@ -33,6 +35,18 @@ class Job:
     reply: Reply | None = None  # kept while the broker refuses it, to publish again
     refused_since_s: float | None = None  # monotonic
     reply_attempts: int = 0
+    assembly: Assembly | None = None  # its pieces' outputs, once the scheduler has split it
+    pieces_waiting: int = 0  # its pieces still waiting for a batch
+
+
+@dataclasses.dataclass(slots=True)
+class Piece:
+    """Consecutive rows of one job, batched as one item (a whole request is a piece of itself)."""
+
+    job: Job
+    first_row: int
+    rows: int
+    part: Any  # what the pipeline runs for these rows (see Pipeline.pieces)
 
 
 @dataclasses.dataclass(slots=True)
