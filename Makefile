@@ -84,6 +84,7 @@ bench: model broker ## The performance benchmarks (bench/): each prints its rati
 	$(BIN)/python -m bench.broker_bound
 	$(BIN)/python -m bench.rows_per_message
 	$(BIN)/python -m bench.compute_bound
+	$(BIN)/python -m bench.bulk_rows_per_message --rows 0 --text-rows 0
 
 .PHONY: lint
 lint: install ## ruff and mypy
