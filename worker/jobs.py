@@ -1,5 +1,5 @@
-"""The records that travel through the worker: one :class:`Job` per delivery, its :class:`Piece` s, one
-:class:`Reply` per answer.
+"""The records that travel through the worker: one :class:`Job` per delivery, split into pieces
+(:class:`Piece`) for batches, and one :class:`Reply` per answer.
 
 Data only. Created by ``worker.intake``; split into pieces and batched by ``worker.scheduler``;
 answered by ``worker.replies``; settled by ``worker.settler``.
