@@ -86,6 +86,7 @@ bench: model broker ## The performance benchmarks (bench/): each prints its rati
 	$(BIN)/python -m bench.compute_bound
 	$(BIN)/python -m bench.coalescing
 	$(BIN)/python -m bench.processes
+	$(BIN)/python -m bench.bulk_rows_per_message --rows 0 --text-rows 0
 
 # gpu-check: the gpu extra in an environment of its own (.venv-gpu), installed as the image installs it, plus the
 # CUDA and cuDNN libraries that the image's CUDA base provides, here from NVIDIA's wheels (onnxruntime-gpu's `cuda`

@@ -7,30 +7,49 @@ models: the tiny affine model (``x`` FP32 [N, 4] → ``y = 2x + 1``) and, when i
 default text model (short sentences → ``embedding`` [N, 384]). Prints rows/s per setting and
 the ratio of the best setting to one row per message.
 
+Then the schedules (``--schedule-rows``, default text model): a bulk job of mixed-length texts (half
+about 10 tokens, half about 60) at 64 rows per message, through two workers that differ only in
+``--schedule``: ``rows`` (a request's texts batch with other requests' texts of similar length) and
+``requests`` (each request rides whole in one run, padded to its longest text); and the same texts in
+this process, with no broker (the worker's pipeline, grouped by length over the rows a job keeps in
+flight): the ceiling. All three run batches of 64 rows, the smallest ``--max-batch`` that takes a
+64-row request under ``--schedule requests``. Rounds alternate the three; prints medians and the
+ratios rows ÷ requests (target >= 1.3) and rows ÷ in process (target >= 0.95).
+
 Usage: python -m bench.bulk_rows_per_message [--rows 20000] [--rows-per-message 1,8,16,32,64]
        [--text-rows 20000] [--text-rows-per-message 1,32] [--rounds 1] [--max-in-flight 64]
+       [--schedule-rows 4096] [--schedule-rounds 2]
+(``--rows 0 --text-rows 0`` runs only the schedules; ``--schedule-rows 0`` skips them.)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import statistics
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import structlog
 
 from bench.driver import AMQP_URL, ROOT, delete_queues
+from bench.text_inprocess import make_texts
 from producer.bulk import BulkJob, BulkOptions
 from producer.bulk_auth import state_path
 from producer.names import results_queue
+from producer.protocol import InferRequest
 from tests.models import affine_model
 from tests.worker_process import WorkerProcess
+from worker.settings import Settings
+from worker.text import group_by_length
+from worker.text_pipeline import TextEmbeddingPipeline
 
 TEXT_MODEL = ROOT / "models" / "all-MiniLM-L6-v2"
 WARM_UP_ROWS = 1000
@@ -104,6 +123,70 @@ async def measure(
         print(f"  best: {best} rows/message, {medians[best] / base:.1f}x the rows/s of 1 row/message")
 
 
+def write_texts(path: Path, texts: list[str]) -> None:
+    with path.open("w") as f:
+        for i, text in enumerate(texts):
+            f.write(json.dumps({"id": f"m{i}", "text": text}) + "\n")
+
+
+def in_process_rows_per_s(pipeline: TextEmbeddingPipeline, texts: list[str], batch: int, window: int) -> float:
+    """Embed ``texts`` as a worker would at its best, with no broker: tokenized, grouped by length over
+    ``window`` rows at a time, ``batch`` rows per run; returns rows/s."""
+    started = time.perf_counter()
+    for start in range(0, len(texts), window):
+        part = np.array(texts[start : start + window], dtype=object)
+        prepared = pipeline.prepare(InferRequest(id="", inputs={"text": part}), max_rows=len(part))
+        pieces = pipeline.pieces(prepared)
+        for group in group_by_length([len(p.data.rows[0]) for p in pieces], batch):
+            pipeline.run([pieces[i].data for i in group])
+    return len(texts) / (time.perf_counter() - started)
+
+
+async def measure_schedules(root: Path, rows: int, rounds: int, max_in_flight: int) -> None:
+    """Row-level vs request-level scheduling on mixed-length texts at 64 rows per message, and in process."""
+    rows_per_message = best = 64
+    texts = make_texts(rows)
+    input_path = root / "mixed.jsonl"
+    write_texts(input_path, texts)
+    pipeline = TextEmbeddingPipeline.load(TEXT_MODEL, Settings(model=TEXT_MODEL))
+    pipeline.warm_up(best)
+    window = max_in_flight * rows_per_message  # rows a job keeps in flight: the worker's batching window
+    print(f"\nschedules: {rows:,} mixed-length texts, {rows_per_message} rows/message, batch {best}", flush=True)
+    tag = uuid.uuid4().hex[:6]
+    queues = {"rows": f"bench.rows.{tag}", "requests": f"bench.requests.{tag}"}
+    e2e: dict[str, list[float]] = {k: [] for k in queues}
+    inproc: list[float] = []
+    warm_up = root / "mixed.warm-up.jsonl"
+    write_texts(warm_up, texts[: rows_per_message * 8])
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            for schedule, queue in queues.items():
+                await stack.enter_async_context(
+                    WorkerProcess(AMQP_URL, TEXT_MODEL, queue, "--max-batch", str(best), "--schedule", schedule)
+                )
+                await run_job(warm_up, queue, rows_per_message, max_in_flight)
+            for round_no in range(1, rounds + 1):
+                inproc.append(in_process_rows_per_s(pipeline, texts, best, window))
+                for schedule, queue in queues.items():
+                    e2e[schedule].append(await run_job(input_path, queue, rows_per_message, max_in_flight))
+                print(
+                    f"round {round_no}/{rounds}: in process {inproc[-1]:.0f} rows/s, "
+                    + ", ".join(f"--schedule {k} {v[-1]:.0f} rows/s" for k, v in e2e.items()),
+                    flush=True,
+                )
+    finally:
+        await delete_queues(*queues.values())
+    ceiling = statistics.median(inproc)
+    by_rows, by_requests = statistics.median(e2e["rows"]), statistics.median(e2e["requests"])
+    print(f"\ndefault text model, bulk job of {rows:,} mixed-length texts (half ~10, half ~60 tokens), "
+          f"{rows_per_message} rows/message, batch {best}; median of {rounds} round(s)")  # fmt: skip
+    print(f"  {'in process (no broker)':<34} {ceiling:>8,.0f} rows/s")
+    print(f"  {'end to end, --schedule rows':<34} {by_rows:>8,.0f} rows/s")
+    print(f"  {'end to end, --schedule requests':<34} {by_requests:>8,.0f} rows/s")
+    print(f"  rows / requests:    {by_rows / by_requests:.2f}  (target >= 1.3)")
+    print(f"  rows / in process:  {by_rows / ceiling:.2f}  (target >= 0.95)")
+
+
 def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
@@ -116,14 +199,19 @@ async def main() -> int:
     parser.add_argument("--text-rows-per-message", type=_int_list, default=[1, 32])
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--max-in-flight", type=int, default=64)
+    parser.add_argument("--schedule-rows", type=int, default=4096, help="0 skips the schedule comparison")
+    parser.add_argument("--schedule-rounds", type=int, default=2)
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        tensor_input = root / "tensor.jsonl"
-        write_tensor_rows(tensor_input, args.rows)
-        model = affine_model(root / "affine.onnx")
-        await measure("tiny affine model", model, tensor_input, args.rows_per_message, args.rounds, args.max_in_flight)
+        if args.rows:
+            tensor_input = root / "tensor.jsonl"
+            write_tensor_rows(tensor_input, args.rows)
+            model = affine_model(root / "affine.onnx")
+            await measure(
+                "tiny affine model", model, tensor_input, args.rows_per_message, args.rounds, args.max_in_flight
+            )
         if args.text_rows and TEXT_MODEL.exists():
             text_input = root / "text.jsonl"
             write_text_rows(text_input, args.text_rows)
@@ -137,6 +225,10 @@ async def main() -> int:
             )
         elif args.text_rows:
             print(f"\ndefault text model: skipped, {TEXT_MODEL} is absent (make model)")
+        if args.schedule_rows and TEXT_MODEL.exists():
+            await measure_schedules(root, args.schedule_rows, args.schedule_rounds, args.max_in_flight)
+        elif args.schedule_rows:
+            print(f"\nschedules: skipped, {TEXT_MODEL} is absent (make model)")
     return 0
 
 

@@ -1,7 +1,8 @@
-"""The records that travel through the worker: one :class:`Job` per delivery, one :class:`Reply` per answer.
+"""The records that travel through the worker: one :class:`Job` per delivery, split into pieces
+(:class:`Piece`) for batches, and one :class:`Reply` per answer.
 
-Data only. Created by ``worker.intake``; batched by ``worker.scheduler``; answered by
-``worker.replies``; settled by ``worker.settler``.
+Data only. Created by ``worker.intake``; split into pieces and batched by ``worker.scheduler``;
+answered by ``worker.replies``; settled by ``worker.settler``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from opentelemetry.trace import Span, Tracer
 
 from producer.protocol import InferRequest
 from worker.acks import AckLedger
+from worker.assembly import Assembly
 from worker.reply_to import ReplyTo
 
 
@@ -35,6 +37,8 @@ class Job:
     refused_since_s: float | None = None  # monotonic
     reply_attempts: int = 0
     trace: JobTrace | None = None  # its spans; None with tracing off
+    assembly: Assembly | None = None  # its pieces' outputs, once the scheduler has split it
+    pieces_waiting: int = 0  # its pieces still waiting for a batch
 
 
 @dataclasses.dataclass(slots=True)
@@ -45,6 +49,16 @@ class JobTrace:
     tracer: Tracer
     enqueued_ns: int = 0  # epoch ns when it was queued for a batch
     ended: bool = False
+
+
+@dataclasses.dataclass(slots=True)
+class Piece:
+    """Consecutive rows of one job, batched as one item (a whole request is a piece of itself)."""
+
+    job: Job
+    first_row: int
+    rows: int
+    part: Any  # what the pipeline runs for these rows (see Pipeline.pieces)
 
 
 @dataclasses.dataclass(slots=True)

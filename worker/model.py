@@ -19,7 +19,7 @@ from producer.errors import ProtocolError, clip
 from producer.protocol import ErrorCode, InferRequest, numpy_to_datatype
 from worker.batching import Arrays, concat_inputs, split_outputs
 from worker.errors import ModelLoadError
-from worker.session import Pipeline, TensorSpec, check_rows, choose_providers, open_session, spec_of
+from worker.session import Part, Pipeline, TensorSpec, check_rows, choose_providers, open_session, spec_of
 from worker.settings import Settings
 
 __all__ = ["Pipeline", "TensorPipeline", "TensorSpec", "choose_providers", "load_pipeline", "open_session"]
@@ -91,6 +91,18 @@ class TensorPipeline:
     def padding_length(self, request: InferRequest) -> None:
         return None  # tensors are concatenated as they are, never padded
 
+    def pieces(self, request: InferRequest) -> list[Part]:
+        return [Part(request, request.rows, None)]  # split only when a batch has less room (see split)
+
+    def split(self, request: InferRequest, rows: int) -> tuple[InferRequest, InferRequest]:
+        """The first ``rows`` rows and the rest, as requests over views of the inputs (no copy)."""
+        head = {name: value[:rows] for name, value in request.inputs.items()}
+        tail = {name: value[rows:] for name, value in request.inputs.items()}
+        return (
+            InferRequest(id=request.id, inputs=head, outputs=request.outputs),
+            InferRequest(id=request.id, inputs=tail, outputs=request.outputs),
+        )
+
     def run(self, requests: Sequence[InferRequest]) -> list[Arrays]:
         feeds = concat_inputs([r.inputs for r in requests])
         values = self.session.run(self._output_names, feeds)
@@ -105,7 +117,8 @@ class TensorPipeline:
         """What the worker does with a request, step by step (for ``worker inspect``)."""
         return [
             "check each request's tensors against the model's inputs (names, datatypes, non-batch dimensions)",
-            "concatenate compatible requests along the first dimension, up to --max-batch rows",
+            "concatenate compatible requests along the first dimension, up to --max-batch rows (with "
+            "--schedule rows, a request that does not fit a batch whole lends its first rows to it)",
             "run the model; split every output back by each request's rows",
         ]
 

@@ -10,7 +10,7 @@ import dataclasses
 import os
 from collections.abc import Hashable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -21,7 +21,7 @@ from worker.batching import Arrays
 from worker.errors import ModelLoadError
 from worker.settings import Settings
 
-__all__ = ["Pipeline", "TensorSpec", "check_rows", "choose_providers", "open_session", "spec_of"]
+__all__ = ["Part", "Pipeline", "TensorSpec", "check_rows", "choose_providers", "open_session", "spec_of"]
 
 # ONNX Runtime's type strings -> OIP datatypes.
 _ORT_TYPES = {
@@ -58,6 +58,16 @@ class TensorSpec:
         return f"{self.name}: {self.datatype} [{dims}]"
 
 
+class Part(NamedTuple):
+    """Consecutive rows of a prepared request, as the pipeline runs them (see :meth:`Pipeline.pieces`)."""
+
+    data: Any
+    """What :meth:`Pipeline.run` takes for these rows."""
+    rows: int
+    length: int | None
+    """The length these rows are padded to in a batch (tokens for text), or None when nothing is padded."""
+
+
 class Pipeline(Protocol):
     """What the consumer needs from a model, whatever its kind."""
 
@@ -82,8 +92,22 @@ class Pipeline(Protocol):
         """The length a prepared request's rows are padded to in a batch, or None when there is no
         padding; the batcher puts requests of similar length together."""
 
+    def pieces(self, prepared: Any) -> list[Part]:
+        """A prepared request as the pieces row-level scheduling batches, in row order.
+
+        Text: one piece per row, with its token count, so rows of similar length group across
+        requests. Tensors: the whole request as one piece (split by :meth:`split` only when a batch has
+        fewer free rows than it has, so a large request is not copied row by row).
+        """
+
+    def split(self, data: Any, rows: int) -> tuple[Any, Any]:
+        """A piece's first ``rows`` rows and the rest (``0 < rows <`` the piece's rows)."""
+
     def run(self, prepared: Sequence[Any]) -> list[Arrays]:
-        """Run one batch (blocking; may be called from the model thread) and return outputs per request."""
+        """Run one batch (blocking; may be called from the model thread) and return outputs per item.
+
+        The items are prepared requests, or pieces of them (``Part.data``), in any mix.
+        """
 
     def warm_up(self, max_rows: int) -> None:
         """Run the model at the largest size it accepts: ``max_rows`` rows and, for padded inputs such as

@@ -19,6 +19,7 @@ from producer.names import DEFAULT_AMQP_URL, DEFAULT_DELIVERY_LIMIT, DEFAULT_QUE
 
 Device = Literal["auto", "cpu", "cuda"]
 LogFormat = Literal["auto", "json", "console"]
+Schedule = Literal["rows", "requests"]
 
 DEFAULT_MODEL_PATH = "models/all-MiniLM-L6-v2"
 
@@ -46,6 +47,7 @@ class Settings:
     intra_op_threads: int = 0
     max_text_length: int = 256
     group_by_length: bool = True
+    schedule: Schedule = "rows"
     drain_timeout_s: float = 25.0
     connect_timeout_s: float = 60.0
     reply_hold_s: float = 60.0
@@ -226,6 +228,14 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "--group-by-length",
         "text models: batch texts of similar token length together (false: arrival order only)",
         _bool,
+    ),
+    SettingSpec(
+        "schedule",
+        "WORKER_SCHEDULE",
+        "--schedule",
+        "what a batch is made of: rows (a request's rows may share model runs with other requests' rows) or "
+        "requests (each request rides whole in one run)",
+        choices=("rows", "requests"),
     ),
     SettingSpec(
         "drain_timeout_s",

@@ -1,7 +1,8 @@
 """Serves a text-embedding model folder: strings in, L2-normalized embeddings out.
 
 Requests carry one BYTES input (``text``, one string per row). Texts are tokenized when the
-request arrives (so batches can be formed by length), padded to the longest row of their batch,
+request arrives (so batches can be formed by length; with row-level scheduling each text is a piece
+of its own, see :meth:`TextEmbeddingPipeline.pieces`), padded to the longest row of their batch,
 run through ONNX Runtime, mean-pooled with the attention mask and normalized. Replies carry one
 FP32 output (``embedding``, [rows, dim]).
 """
@@ -19,7 +20,7 @@ from producer.errors import ProtocolError, clip
 from producer.protocol import ErrorCode, InferRequest
 from worker.batching import Arrays
 from worker.manifest import ManifestError, load_manifest
-from worker.session import TensorSpec, check_rows, open_session
+from worker.session import Part, TensorSpec, check_rows, open_session
 from worker.settings import Settings
 from worker.text import IdArray, TextPipeline, texts_from_tensor
 
@@ -123,6 +124,15 @@ class TextEmbeddingPipeline:
         # one, so short texts do not pay for a long neighbour's padding.
         return prepared.longest if self.group_by_length else None
 
+    def pieces(self, prepared: Tokenized) -> list[Part]:
+        """One piece per text, with its token count when grouping by length (else None: arrival order)."""
+        group = self.group_by_length
+        return [Part(Tokenized([row], len(row)), 1, len(row) if group else None) for row in prepared.rows]
+
+    def split(self, prepared: Tokenized, rows: int) -> tuple[Tokenized, Tokenized]:
+        head, tail = prepared.rows[:rows], prepared.rows[rows:]
+        return Tokenized(head, max(len(r) for r in head)), Tokenized(tail, max(len(r) for r in tail))
+
     def run(self, prepared: Sequence[Tokenized]) -> list[Arrays]:
         rows = [row for p in prepared for row in p.rows]
         batch = self.text.pad(rows)
@@ -145,7 +155,9 @@ class TextEmbeddingPipeline:
         return [
             f"tokenize '{self.text.text_input}' with {m.tokenizer_path.name}, truncating at {self.text.max_length} "
             "tokens",
-            "batch texts of similar length together" if self.group_by_length else "batch texts in arrival order",
+            "batch texts of similar length together (across requests with --schedule rows)"
+            if self.group_by_length
+            else "batch texts in arrival order",
             "pad each batch to its longest text; run the model; "
             f"{m.pooling}-pool '{m.hidden_state}' over real tokens" + (", L2-normalize" if m.normalize else ""),
             f"reply '{self.text.output}' FP32 [rows, {self.text.dim}]",

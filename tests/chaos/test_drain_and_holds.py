@@ -87,6 +87,55 @@ async def test_readiness_is_false_from_the_start_of_a_drain_and_the_computing_ba
     assert declared.declaration_result.message_count == 0  # acked, not handed back
 
 
+@pytest.mark.integration
+async def test_a_drain_hands_back_a_request_whose_rows_still_wait_even_when_some_are_computing(
+    amqp_url: str,
+    tmp_path: Path,
+    queue: str,
+    connection: aio_pika.abc.AbstractConnection,
+) -> None:
+    model = affine_model(tmp_path / "affine.onnx")
+    # Batches of 4 rows, and the worker waits for a full one: requests A, B, C of 3 rows each make the
+    # batches [A, B's first row] and [B's last two rows, C's first two rows]; C's last row waits.
+    settings = Settings(amqp_url=amqp_url, model=model, queue=queue, http_port=0, max_batch=4, max_delay_ms=10000)
+    pipeline = GatedPipeline(load_pipeline(settings))
+    pipeline.gate.set()
+    worker = Worker(settings, pipeline, install_signal_handlers=False)  # type: ignore[arg-type]
+    submitted = asyncio.Event()
+    batches: list[list[int]] = []
+    submit = worker._runner.submit
+
+    def counting_submit(run: Any, parts: Any) -> Any:
+        batches.append([part.rows for part in parts])
+        if len(batches) == 2:
+            submitted.set()
+        return submit(run, parts)
+
+    worker._runner.submit = counting_submit  # type: ignore[method-assign]
+    task = asyncio.create_task(worker.run())
+    await asyncio.wait_for(worker.consuming_event.wait(), 30)
+    pipeline.gate.clear()  # every model run waits for the test from now on
+    rpc = await RpcClient.open(connection)
+    body = encode_request({"x": np.ones((3, 4), np.float32)}, CONTENT_TYPE_MSGPACK)
+    replies = {name: await rpc.publish(queue, Sent(body, CONTENT_TYPE_MSGPACK, correlation_id=name)) for name in "abc"}
+    await asyncio.wait_for(submitted.wait(), 30)
+    worker.stop_event.set()
+    for _ in range(1000):  # the drain starts within a few turns of the event loop, with no I/O
+        if worker.health.draining:
+            break
+        await asyncio.sleep(0)
+    pipeline.gate.set()
+    await asyncio.wait_for(task, 30)
+    assert batches == [[3, 1], [2, 2]]
+    for name in "ab":  # every row was computing when the drain began: answered
+        answer = decoded(await asyncio.wait_for(replies[name], 10))
+        assert isinstance(answer, InferReply)
+        np.testing.assert_array_equal(answer.outputs["y"], np.full((3, 4), 3.0, np.float32))
+    assert "c" not in rpc.replies, "a handed-back request is not answered, though two of its rows were computed"
+    declared = await (await connection.channel()).declare_queue(queue, passive=True)
+    assert declared.declaration_result.message_count == 1  # C, handed back whole
+
+
 def test_ledger_acks_around_a_held_tag_one_by_one_and_never_covers_it() -> None:
     ledger = AckLedger()
     for tag in (1, 2, 3, 4, 5):

@@ -1,44 +1,116 @@
-"""Batch forming counts rows, keeps order, groups compatible requests; splitting and isolation."""
+"""Batch forming counts rows, keeps order, groups compatible requests and rows of similar length, splits
+requests that do not fit; concatenation, splitting outputs and isolation."""
 
 from __future__ import annotations
 
-from collections import deque
+import time
 from collections.abc import Sequence
 
 import numpy as np
 import pytest
 
-from worker.batching import Batchable, concat_inputs, pending_rows, run_isolating, split_outputs, take_batch
+from worker.batching import PendingRows, Split, concat_inputs, run_isolating, split_outputs
 
 
-def _pending(*items: tuple[str, int, str]) -> deque[Batchable[str]]:
-    return deque(Batchable(name, rows=rows, key=key) for name, rows, key in items)
+def _pending(*items: tuple[str, int, str], split: Split[str] | None = None) -> PendingRows[str]:
+    pending: PendingRows[str] = PendingRows(split)
+    for name, rows, key in items:
+        pending.add(name, rows=rows, key=key)
+    return pending
+
+
+def _split_name(item: str, rows: int) -> tuple[str, str]:
+    """Items named ``name`` or ``name@first_row``: the head keeps the start, the tail starts ``rows`` later."""
+    name, _, start = item.partition("@")
+    first = int(start or 0)
+    return f"{name}@{first}", f"{name}@{first + rows}"
 
 
 def test_take_batch_fills_up_to_max_rows_in_arrival_order() -> None:
     pending = _pending(("a", 3, "k"), ("b", 4, "k"), ("c", 2, "k"), ("d", 1, "k"))
-    assert take_batch(pending, max_rows=8) == ["a", "b", "d"]  # c (2 rows) would exceed 8; d fits
-    assert [b.item for b in pending] == ["c"]
+    assert pending.take(max_rows=8) == ["a", "b", "d"]  # c (2 rows) would exceed 8; d fits
+    assert pending.clear() == ["c"]
 
 
 def test_take_batch_counts_rows_not_messages() -> None:
     pending = _pending(*((str(i), 1, "k") for i in range(10)))
-    assert len(take_batch(pending, max_rows=4)) == 4
-    assert pending_rows(pending) == 6
+    assert len(pending.take(max_rows=4)) == 4
+    assert pending.rows == 6
+    assert len(pending) == 6
 
 
 def test_take_batch_groups_by_key_and_keeps_others_in_order() -> None:
     pending = _pending(("a", 1, "short"), ("b", 1, "long"), ("c", 1, "short"), ("d", 1, "long"))
-    assert take_batch(pending, max_rows=8) == ["a", "c"]
-    assert take_batch(pending, max_rows=8) == ["b", "d"]
+    assert pending.take(max_rows=8) == ["a", "c"]
+    assert pending.take(max_rows=8) == ["b", "d"]
     assert not pending
 
 
 def test_take_batch_returns_an_oversized_item_alone() -> None:
     pending = _pending(("big", 10, "k"), ("small", 1, "k"))
-    assert take_batch(pending, max_rows=4) == ["big"]
-    assert take_batch(pending, max_rows=4) == ["small"]
-    assert take_batch(pending, max_rows=4) == []
+    assert pending.take(max_rows=4) == ["big"]
+    assert pending.take(max_rows=4) == ["small"]
+    assert pending.take(max_rows=4) == []
+
+
+def test_with_a_splitter_a_request_lends_its_first_rows_to_a_fuller_batch() -> None:
+    pending = _pending(("a", 3, "k"), ("b", 4, "k"), ("c", 5, "k"), split=_split_name)
+    assert pending.take(max_rows=8) == ["a", "b", "c@0"]  # c's first row fills the batch
+    assert pending.rows == 4
+    assert pending.take(max_rows=8) == ["c@1"]  # the rest kept c's place
+
+
+def test_with_a_splitter_an_oversized_item_is_cut_into_full_batches() -> None:
+    pending = _pending(("big", 10, "k"), ("small", 1, "k"), split=_split_name)
+    assert pending.take(max_rows=4) == ["big@0"]
+    assert pending.take(max_rows=4) == ["big@4"]
+    assert pending.take(max_rows=4) == ["big@8", "small"]
+    assert not pending
+    assert pending.rows == 0
+
+
+def test_oldest_and_clear_follow_arrival_order_across_keys_and_lengths() -> None:
+    pending: PendingRows[str] = PendingRows()
+    for name, key, length in [("a", 0, 30), ("b", 1, 5), ("c", 0, 5), ("d", 0, 29)]:
+        pending.add(name, rows=1, key=key, length=length)
+    assert pending.oldest() == "a"
+    assert pending.take(max_rows=2) == ["a", "d"]
+    assert pending.oldest() == "b"
+    assert pending.clear() == ["b", "c"]
+    assert pending.oldest() is None
+    assert pending.take(max_rows=2) == []
+
+
+def test_rows_of_many_requests_group_by_length_across_requests() -> None:
+    # Two requests of 4 texts each, mixed lengths: batches of 4 take the closest lengths, whatever request.
+    pending: PendingRows[str] = PendingRows()
+    for request, lengths in (("r1", [10, 60, 12, 58]), ("r2", [61, 11, 59, 9])):
+        for row, length in enumerate(lengths):
+            pending.add(f"{request}.{row}", rows=1, key=0, length=length)
+    assert pending.take(max_rows=4) == ["r1.0", "r1.2", "r2.1", "r2.3"]  # 10, 12, 11, 9
+    assert pending.take(max_rows=4) == ["r1.1", "r1.3", "r2.0", "r2.2"]  # 60, 58, 61, 59
+
+
+def test_equally_close_lengths_are_taken_oldest_first() -> None:
+    pending: PendingRows[str] = PendingRows()
+    for name, length in [("anchor", 10), ("late9", 9), ("early11", 11), ("late11", 11), ("e9", 9)]:
+        pending.add(name, rows=1, key=0, length=length)
+    assert pending.take(max_rows=3) == ["anchor", "late9", "early11"]
+
+
+def test_a_large_window_of_single_rows_forms_batches_quickly() -> None:
+    pending: PendingRows[int] = PendingRows()
+    count = 16384  # 256 requests of 64 rows
+    for i in range(count):
+        pending.add(i, rows=1, key=0, length=8 + (i * 7919) % 120)
+    started = time.perf_counter()
+    seen: list[int] = []
+    while pending:
+        batch = pending.take(max_rows=64)
+        assert 0 < len(batch) <= 64
+        seen += batch
+    assert sorted(seen) == list(range(count))
+    assert time.perf_counter() - started < 2.0  # bucketed: about the batch's own size per take
 
 
 def test_concat_and_split_round_trip_mixed_request_sizes() -> None:
@@ -72,16 +144,15 @@ def test_run_isolating_gives_only_the_poison_item_its_error() -> None:
 
 
 def test_take_batch_with_lengths_fills_with_the_closest_lengths_to_the_oldest() -> None:
-    pending: deque[Batchable[str]] = deque(
-        Batchable(name, rows=1, key=0, length=length)
-        for name, length in [("a", 12), ("b", 60), ("c", 11), ("d", 58), ("e", 14), ("f", 63), ("g", 10)]
-    )
-    assert take_batch(pending, max_rows=4) == ["a", "c", "e", "g"]  # the oldest and the three shortest
-    assert take_batch(pending, max_rows=4) == ["b", "d", "f"]  # the long ones, in arrival order
+    pending: PendingRows[str] = PendingRows()
+    for name, length in [("a", 12), ("b", 60), ("c", 11), ("d", 58), ("e", 14), ("f", 63), ("g", 10)]:
+        pending.add(name, rows=1, key=0, length=length)
+    assert pending.take(max_rows=4) == ["a", "c", "e", "g"]  # the oldest and the three shortest
+    assert pending.take(max_rows=4) == ["b", "d", "f"]  # the long ones, in arrival order
 
 
 def test_take_batch_with_lengths_still_starts_with_the_oldest() -> None:
-    pending: deque[Batchable[str]] = deque(
-        Batchable(name, rows=1, key=0, length=length) for name, length in [("old", 200), ("x", 5), ("y", 6)]
-    )
-    assert take_batch(pending, max_rows=2)[0] == "old"
+    pending: PendingRows[str] = PendingRows()
+    for name, length in [("old", 200), ("x", 5), ("y", 6)]:
+        pending.add(name, rows=1, key=0, length=length)
+    assert pending.take(max_rows=2)[0] == "old"

@@ -98,6 +98,44 @@ def test_text_outputs_are_the_same_alone_and_batched(text_pipeline: TextEmbeddin
         np.testing.assert_allclose(together["embedding"], alone["embedding"], rtol=1e-6)
 
 
+def test_text_pieces_are_one_per_row_with_its_token_count(text_pipeline: TextEmbeddingPipeline) -> None:
+    prepared = text_pipeline.prepare(text_request("the fox", "the quick brown fox jumps", "dog"), max_rows=MAX_ROWS)
+    pieces = text_pipeline.pieces(prepared)
+    assert [p.rows for p in pieces] == [1, 1, 1]
+    assert [p.length for p in pieces] == [len(row) for row in prepared.rows]
+    text_pipeline.group_by_length = False
+    assert [p.length for p in text_pipeline.pieces(prepared)] == [None, None, None]
+
+
+def test_rows_of_several_requests_mixed_in_one_run_equal_each_request_alone(
+    text_pipeline: TextEmbeddingPipeline,
+) -> None:
+    first = text_pipeline.prepare(text_request("the fox", "the quick brown fox jumps", "dog"), max_rows=MAX_ROWS)
+    second = text_pipeline.prepare(text_request("café 東京", "a b c d e f"), max_rows=MAX_ROWS)
+    pieces = [*text_pipeline.pieces(first), *text_pipeline.pieces(second)]
+    order = [4, 0, 3, 2, 1]  # any mix, as the batcher forms it
+    mixed = text_pipeline.run([pieces[i].data for i in order])
+    by_piece = {i: out["embedding"] for i, out in zip(order, mixed, strict=True)}
+    for offset, request in ((0, first), (3, second)):
+        [alone] = text_pipeline.run([request])
+        rows = np.concatenate([by_piece[offset + r] for r in range(len(request.rows))])
+        np.testing.assert_allclose(rows, alone["embedding"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_tensor_request_is_one_piece_and_splits_into_views(tensor_pipeline: TensorPipeline) -> None:
+    x = np.arange(20, dtype=np.float32).reshape(5, 4)
+    request = tensor_pipeline.prepare(InferRequest(id="r", inputs={"x": x}, outputs=["y"]), max_rows=MAX_ROWS)
+    [piece] = tensor_pipeline.pieces(request)
+    assert (piece.data, piece.rows, piece.length) == (request, 5, None)
+    head, tail = tensor_pipeline.split(request, 2)
+    assert (head.rows, tail.rows) == (2, 3)
+    assert np.shares_memory(head.inputs["x"], x)
+    assert head.outputs == tail.outputs == ["y"]
+    [whole] = tensor_pipeline.run([request])
+    parts = tensor_pipeline.run([tail, head])
+    np.testing.assert_array_equal(np.concatenate([parts[1]["y"], parts[0]["y"]]), whole["y"])
+
+
 # ---------------------------------------------------------------------------------------------
 # Text byte bound
 

@@ -97,6 +97,7 @@ WORKER_DEVICE_ID: {{ $w.deviceId | int | quote }}
 WORKER_INTRA_OP_THREADS: {{ $w.intraOpThreads | int | quote }}
 WORKER_MAX_TEXT_LENGTH: {{ $w.maxTextLength | int | quote }}
 WORKER_GROUP_BY_LENGTH: {{ $w.groupByLength | toString | quote }}
+WORKER_SCHEDULE: {{ $w.schedule | quote }}
 WORKER_DRAIN_TIMEOUT_S: {{ $w.drainTimeoutS | toString | quote }}
 WORKER_CONNECT_TIMEOUT_S: {{ $w.connectTimeoutS | toString | quote }}
 WORKER_REPLY_HOLD_S: {{ $w.replyHoldS | toString | quote }}
