@@ -212,13 +212,10 @@ async def show_route(
     vhost = _vhost(amqp_url)
     exchange = model_exchange(model)
     quoted_vhost = urllib.parse.quote(vhost, safe="")
-    bindings = await asyncio.to_thread(
-        _get_json,
-        management_url,
-        f"/api/exchanges/{quoted_vhost}/{urllib.parse.quote(exchange, safe='')}/bindings/source",
-        timeout_s,
-    )
-    if bindings is None:
+    exchange_path = f"/api/exchanges/{quoted_vhost}/{urllib.parse.quote(exchange, safe='')}"
+    found = await asyncio.to_thread(_get_json, management_url, exchange_path, timeout_s)
+    bindings = await asyncio.to_thread(_get_json, management_url, exchange_path + "/bindings/source", timeout_s)
+    if found is None or bindings is None:
         raise RouteError(f"model {model!r} has no route (no exchange {exchange!r} in vhost {vhost!r})")
     weights: dict[str, int] = {}
     for binding in bindings:

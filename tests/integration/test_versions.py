@@ -4,6 +4,8 @@ a weight changed at run time, and a version removed while its queue holds reques
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -14,9 +16,10 @@ import numpy as np
 import pytest
 
 from producer import Client
+from producer.bulk import BulkJob, BulkOptions, JobFailedError
 from producer.errors import PublishRefusedError
 from producer.messages import request_message
-from producer.names import dead_letter_queue, model_exchange, version_queue
+from producer.names import dead_letter_queue, model_exchange, results_queue, version_queue
 from producer.protocol import encode_request
 from producer.routes import RouteError, declare_route, drain_version, show_route
 from tests.models import affine_model
@@ -229,3 +232,39 @@ async def test_a_removed_version_loses_no_request(
             await client.infer({"x": x}, version="2")
         states = await show_route(amqp_url, model_name)
         assert [s.version for s in states] == ["1", "3"]
+
+
+def write_rows(path: Path, rows: int) -> None:
+    path.write_text("".join(json.dumps({"id": f"r{i}", "inputs": {"x": [i, i, i, i]}}) + "\n" for i in range(rows)))
+
+
+async def test_a_bulk_job_is_pinned_to_one_version(
+    amqp_url: str, model_name: str, versions: dict[str, WorkerProcess], tmp_path: Path
+) -> None:
+    write_rows(tmp_path / "in.jsonl", 500)
+    job_ids = [f"job-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    try:
+        unpinned = BulkOptions(
+            input_path=tmp_path / "in.jsonl",
+            output_path=tmp_path / "first.jsonl",
+            model=model_name,
+            job_id=job_ids[0],
+            amqp_url=amqp_url,
+            rows_per_message=8,
+        )
+        summary = await BulkJob(unpinned).run()
+        assert (summary.written, summary.failed, summary.other_version) == (500, 0, 0)
+        assert summary.model_version in {"1", "2"}, "the first reply's version, and every reply from it"
+        with pytest.raises(JobFailedError, match=f"pinned to version {summary.model_version}"):
+            await BulkJob(dataclasses.replace(unpinned, version="3")).run()
+
+        # Version 3 takes no unpinned traffic: a job pinned to it is answered by it alone.
+        pinned = dataclasses.replace(unpinned, output_path=tmp_path / "v3.jsonl", job_id=job_ids[1], version="3")
+        summary = await BulkJob(pinned).run()
+        assert (summary.written, summary.failed, summary.other_version, summary.model_version) == (500, 0, 0, "3")
+    finally:
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            for job_id in job_ids:
+                await channel.queue_delete(results_queue(job_id), if_unused=False, if_empty=False)
