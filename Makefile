@@ -86,6 +86,8 @@ bench: model broker ## The performance benchmarks (bench/): each prints its rati
 	$(BIN)/python -m bench.rows_per_message
 	$(BIN)/python -m bench.compute_bound
 	$(BIN)/python -m bench.coalescing
+	$(BIN)/python scripts/build_model.py --int8
+	$(BIN)/python -m bench.int8_report
 
 .PHONY: lint
 lint: install ## ruff and mypy
