@@ -268,3 +268,21 @@ async def test_a_bulk_job_is_pinned_to_one_version(
             channel = await connection.channel()
             for job_id in job_ids:
                 await channel.queue_delete(results_queue(job_id), if_unused=False, if_empty=False)
+
+
+async def test_a_worker_process_that_cannot_join_its_route_exits_saying_why(
+    amqp_url: str, affine: Path, model_name: str
+) -> None:
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_exchange(model_exchange(model_name), "direct", durable=True)
+    worker = start_version(amqp_url, affine, model_name, "1", 10)
+    worker.start()
+    try:
+        assert await worker.wait_async(60) == 1
+        failed = worker.events("worker_failed")
+        assert failed, worker.log_tail()
+        assert "exists with another type" in failed[0]["error"]
+    finally:
+        await worker.stop_async()
