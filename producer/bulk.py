@@ -21,6 +21,11 @@ broker when its owner's connection dies, SIGKILL included). A second run refuses
 is written: only replies whose ids carry the job's HMAC tag (:class:`producer.bulk_auth.RequestSigner`);
 any other message in the results queue is acked, logged, counted as ``forged`` and dropped.
 
+Model versions: with ``model``, requests go to the model's route, and the whole job is pinned to one
+version, so one output never mixes embeddings of two versions: ``version`` when given, else the
+version that answered the job's first request (one request is in flight until then). The version is
+recorded in the job's state file, so a rerun keeps it.
+
 Flow control: at most ``max_in_flight`` packed requests are outstanding (published and not yet
 written); the input is read one line at a time. Publishes use publisher confirms and
 ``mandatory`` (a missing request queue fails the job instead of losing requests).
@@ -59,6 +64,8 @@ from producer.bulk_auth import (
     UnverifiedReplyError,
     is_private,
     load_or_create_secret,
+    pinned_version,
+    record_pinned_version,
     state_path,
 )
 from producer.errors import ConnectionLostError, InferenceError, ProtocolError, PublishRefusedError
@@ -82,9 +89,12 @@ from producer.names import (
     DEFAULT_AMQP_URL,
     DEFAULT_QUEUE,
     DEFAULT_RESULTS_TTL_S,
+    check_route_name,
     job_lock_queue,
+    model_exchange,
     results_queue,
     results_queue_arguments,
+    version_queue,
 )
 from producer.protocol import ErrorCode, ErrorReply, decode_reply, encode_request
 from producer.tracing import start_publish, tracer
@@ -136,7 +146,9 @@ class BulkOptions:
     Args:
         input_path: JSONL input (see :mod:`producer.jsonl` for the row format).
         output_path: JSONL output; appended to, and read first to resume.
-        queue: request queue the workers consume.
+        queue: request queue the workers consume (not used with ``model``).
+        model: send to this model's route instead of ``queue``; the job is pinned to one version.
+        version: the version of ``model`` to pin the job to (default: the first reply's version).
         job_id: names the results queue; the same id resumes the job (default: from ``output_path``).
         amqp_url: RabbitMQ URL.
         results_ttl_s: the results queue is deleted by the broker after this many seconds unused
@@ -153,6 +165,8 @@ class BulkOptions:
     input_path: Path
     output_path: Path
     queue: str = DEFAULT_QUEUE
+    model: str | None = None
+    version: str | None = None
     job_id: str | None = None
     amqp_url: str = DEFAULT_AMQP_URL
     results_ttl_s: float = DEFAULT_RESULTS_TTL_S
@@ -171,6 +185,11 @@ class BulkOptions:
             raise ValueError(f"--max-in-flight must be at least 1, got {self.max_in_flight}")
         if self.results_ttl_s < 1:
             raise ValueError(f"--results-ttl-s must be at least 1, got {self.results_ttl_s}")
+        if self.version is not None and self.model is None:
+            raise ValueError(f"--version {self.version} pins a version of a model: pass --model too")
+        for kind, name in (("--model", self.model), ("--version", self.version)):
+            if name is not None:
+                check_route_name(kind, name)
         if self.job_id is not None and not _JOB_ID.match(self.job_id):
             raise ValueError(f"--job-id {self.job_id!r}: use 1-200 letters, digits, '.', '_' or '-'")
 
@@ -202,6 +221,10 @@ class BulkSummary:
     """Requests published (splits included)."""
     splits: int = 0
     """Multi-row requests split in halves after an error reply."""
+    model_version: str | None = None
+    """The version the job is pinned to (with a model)."""
+    other_version: int = 0
+    """Replies (messages) from another version than the pinned one: its queue was drained onto the route."""
     errors_by_code: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     elapsed_s: float = 0.0
 
@@ -287,6 +310,8 @@ class BulkJob:
         self._finished: asyncio.Future[None] | None = None
         self._out: IO[bytes] | None = None
         self._publish_channel: aio_pika.abc.AbstractChannel | None = None
+        self._version: str | None = options.version
+        self._reply_seen: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------------------------------------
     # The run
@@ -303,6 +328,7 @@ class BulkJob:
         self._finished = asyncio.get_running_loop().create_future()
         with self._locked_output() as self._out:
             self._signer = RequestSigner(self._job_secret(), self.job_id)
+            self._pin_recorded_version()
             state = read_output(opts.output_path)
             self._done_ids, self._done_lines = state.done_ids, state.done_lines
             self.summary.failed_before = state.failed
@@ -381,6 +407,47 @@ class BulkJob:
                 fix=f"chmod 600 {path}",
             )
         return secret
+
+    def _pin_recorded_version(self) -> None:
+        """Pin the job to the version an earlier run recorded; a different --version is refused."""
+        if self.options.model is None:
+            return
+        recorded = pinned_version(state_path(self.options.output_path))
+        if recorded is None:
+            if self._version is not None:
+                self._record_version(self._version)
+            return
+        if self._version is not None and self._version != recorded:
+            raise JobFailedError(
+                f"job {self.job_id} is pinned to version {recorded} of model {self.options.model} (its output holds "
+                f"that version's results): rerun with --version {recorded}, or write a new output for version "
+                f"{self._version}"
+            )
+        self._version = recorded
+        self.summary.model_version = recorded
+
+    def _record_version(self, version: str) -> None:
+        self._version = self.summary.model_version = version
+        try:
+            record_pinned_version(state_path(self.options.output_path), version)
+        except JobStateError as e:
+            raise JobFailedError(str(e)) from e
+        log.info("bulk_version_pinned", job_id=self.job_id, model=self.options.model, version=version)
+
+    def _target(self) -> tuple[str, str]:
+        """Exchange and routing key of the job's requests: its queue, its pinned version, or its model's route."""
+        opts = self.options
+        if opts.model is None:
+            return "", opts.queue
+        if self._version is not None:
+            return "", version_queue(opts.model, self._version)
+        return model_exchange(opts.model), ""
+
+    async def _wait_for_version(self) -> None:
+        """Until the job's version is known, one request at a time: the version its reply names pins the job."""
+        while self.options.model is not None and self._version is None and self._requests:
+            self._reply_seen = asyncio.get_running_loop().create_future()
+            await self._wait(self._reply_seen)
 
     async def _connect(self, role: str) -> aio_pika.abc.AbstractConnection:
         """A connection named for the management UI: which job, which process, what for."""
@@ -571,6 +638,7 @@ class BulkJob:
             self._order.append(slot)
 
     async def _send(self, group: list[Row]) -> None:
+        await self._wait_for_version()
         await self._wait_for_window()
         # Rows answered meanwhile by an earlier run's request need no request.
         rows = [r for r in group if (s := self._pending.get(r.id)) is not None and s.text is None]
@@ -613,17 +681,28 @@ class BulkJob:
 
     async def _publish_one(self, message: aio_pika.Message) -> None:
         assert self._publish_channel is not None
-        queue = self.options.queue
+        exchange_name, queue = self._target()
+        where = f"route {exchange_name!r}" if exchange_name else f"queue {queue!r}"
+        exchange = (
+            await self._publish_channel.get_exchange(exchange_name, ensure=False)  # no round trip
+            if exchange_name
+            else self._publish_channel.default_exchange
+        )
         span = start_publish(tracer(), message, queue)  # ends at the broker's confirm: replies come later
         try:
             with trace.use_span(span, end_on_exit=True):
-                await self._publish_channel.default_exchange.publish(message, routing_key=queue, mandatory=True)
+                await exchange.publish(message, routing_key=queue, mandatory=True)
         except aio_pika.exceptions.PublishError as e:
+            if exchange_name:
+                raise PublishRefusedError(
+                    f"no version of model {self.options.model!r} takes unpinned requests (every weight is 0): "
+                    "pass --version, or give a version a weight, and rerun"
+                ) from e
             raise PublishRefusedError(
                 f"no queue named {queue!r}: start a worker for it (it declares the queue) and rerun"
             ) from e
         except aio_pika.exceptions.DeliveryError as e:
-            raise PublishRefusedError(f"the broker refused a request to queue {queue!r} (nack)") from e
+            raise PublishRefusedError(f"the broker refused a request to {where} (nack)") from e
 
     # ------------------------------------------------------------------------------------------
     # Receiving
@@ -644,6 +723,8 @@ class BulkJob:
                 batch.append(self._inbox.get_nowait())
             for message in batch:
                 self._handle_reply(message)
+            if self._reply_seen is not None and not self._reply_seen.done():
+                self._reply_seen.set_result(None)
             assert self._out is not None
             self._out.flush()
             await batch[-1].ack(multiple=True)
@@ -693,6 +774,7 @@ class BulkJob:
             if isinstance(reply, ErrorReply):
                 # An earlier run's request failed (or this run's was answered twice): its rows are sent again.
                 return
+        self._check_version(reply.model_version)
         try:
             lines = result_lines(rows, reply)
         except ValueError as e:
@@ -701,6 +783,24 @@ class BulkJob:
             return
         for (_, row_id), text in zip(rows, lines, strict=True):
             self._resolve(row_id, text, None, earlier_run=sent is None)
+
+    def _check_version(self, version: str | None) -> None:
+        """Pin the job to the first version that answers; count (and warn about) replies from another one."""
+        if self.options.model is None or version is None:
+            return
+        if self._version is None:
+            self._record_version(version)
+        elif version != self._version:
+            self.summary.other_version += 1
+            if self.summary.other_version == 1:
+                log.warning(
+                    "bulk_other_version",
+                    job_id=self.job_id,
+                    pinned=self._version,
+                    answered=version,
+                    why="the pinned version's queue was drained onto the route (its release was removed)",
+                    action="written; the summary counts these rows",
+                )
 
     def _reject(self, correlation_id: str, reason: str) -> None:
         """Drop a reply nothing proves this job asked for: count it, log it, never write it."""

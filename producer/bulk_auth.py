@@ -38,6 +38,8 @@ __all__ = [
     "UnverifiedReplyError",
     "is_private",
     "load_or_create_secret",
+    "pinned_version",
+    "record_pinned_version",
     "state_path",
 ]
 
@@ -102,7 +104,34 @@ def is_private(path: Path) -> bool:
 
 def _create_state(path: Path) -> bytes:
     secret = secrets.token_bytes(SECRET_BYTES)
-    text = json.dumps({"version": _STATE_VERSION, "secret": secret.hex()}).encode() + b"\n"
+    _write_state(path, {"version": _STATE_VERSION, "secret": secret.hex()}, "create")
+    return secret
+
+
+def pinned_version(path: Path) -> str | None:
+    """The model version the job is pinned to, as recorded in its state file (None: not recorded yet)."""
+    try:
+        version = json.loads(path.read_bytes()).get("model_version")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return version if isinstance(version, str) else None
+
+
+def record_pinned_version(path: Path, version: str) -> None:
+    """Record in the job's state file the model version its first reply came from, so reruns keep it.
+
+    Raises:
+        JobStateError: the state file cannot be read or rewritten.
+    """
+    try:
+        state = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise JobStateError(f"cannot read the job's state file {path}: {e}") from e
+    _write_state(path, {**state, "model_version": version}, "update")
+
+
+def _write_state(path: Path, state: dict[str, object], what: str) -> None:
+    text = json.dumps(state).encode() + b"\n"
     partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -115,8 +144,7 @@ def _create_state(path: Path) -> bytes:
         os.replace(partial, path)
     except OSError as e:
         partial.unlink(missing_ok=True)
-        raise JobStateError(f"cannot create the job's state file {path}: {e.strerror}") from e
-    return secret
+        raise JobStateError(f"cannot {what} the job's state file {path}: {e.strerror}") from e
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

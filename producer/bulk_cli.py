@@ -74,7 +74,18 @@ def add_bulk_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     bulk.add_argument("input", type=Path, metavar="INPUT", help="JSONL input file")
     bulk.add_argument("--output", "-o", type=Path, required=True, help="JSONL output file (appended; read to resume)")
-    bulk.add_argument("--queue", default=DEFAULT_QUEUE, help="request queue (default %(default)s)")
+    bulk.add_argument("--queue", default=DEFAULT_QUEUE, help="request queue (default %(default)s; not with --model)")
+    bulk.add_argument(
+        "--model",
+        default=None,
+        help="send to this model's route instead of --queue; the job is pinned to one version of it",
+    )
+    bulk.add_argument(
+        "--version",
+        default=None,
+        help="with --model: the version to pin the job to (default: the version that answers its first request, "
+        "recorded so reruns keep it)",
+    )
     bulk.add_argument(
         "--job-id", default=None, help="names the job's results queue; the same id resumes (default: from --output)"
     )
@@ -151,6 +162,13 @@ def _print_summary(summary: BulkSummary, output: Path, console: Console) -> None
         f"job {summary.job_id}: {summary.written:,} rows written to {output} in {summary.elapsed_s:.1f} s "
         f"({summary.rows_per_s:,.0f} rows/s, {summary.messages:,} requests)"
     )
+    if summary.model_version is not None:
+        console.print(f"  pinned to model version {summary.model_version}")
+    if summary.other_version:
+        console.print(
+            f"  [yellow]{summary.other_version:,} replies came from another version[/yellow]: the pinned version's "
+            "queue was drained onto the route (see the warning)"
+        )
     if summary.skipped:
         console.print(f"  {summary.skipped:,} rows were already in the output")
     if summary.collected:
@@ -184,6 +202,8 @@ def run_bulk(args: argparse.Namespace) -> int:
             input_path=args.input,
             output_path=args.output,
             queue=args.queue,
+            model=args.model,
+            version=args.version,
             job_id=args.job_id,
             amqp_url=args.amqp_url or os.environ.get("AMQP_URL", DEFAULT_AMQP_URL),
             results_ttl_s=args.results_ttl_s,

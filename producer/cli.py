@@ -20,6 +20,7 @@ from producer.names import (
     DEFAULT_QUEUE,
     DIRECT_REPLY_TO,
 )
+from producer.route_cli import add_route_parser, run_route
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--timeout-s", type=float, default=30.0, help="seconds to wait for the reply (default 30)")
     add_loadtest_parser(commands)
     add_bulk_parser(commands)
+    add_route_parser(commands)
     return parser
 
 
@@ -87,6 +89,8 @@ def _run(args: argparse.Namespace) -> int:
         return run_loadtest(args)
     if args.command == "bulk":
         return run_bulk(args)
+    if args.command == "route":
+        return run_route(args)
     if args.command == "send":
         url = args.amqp_url or os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
         body = (args.body if args.body is not None else sys.stdin.read()).encode()

@@ -16,6 +16,12 @@ Example::
         reply = await client.infer_text(["hello world"], timeout_s=5)
         print(reply.outputs["embedding"].shape)  # (1, 384)
 
+    # A model served in versions: the broker splits requests across them by weight.
+    async with Client(url, model="minilm") as client:
+        reply = await client.infer_text(["hello"])               # any live version, by weight
+        print(reply.model_version)                               # the version that answered
+        reply = await client.infer_text(["hello"], version="2")  # pinned to version 2
+
 :class:`SyncClient` offers the same calls to plain synchronous scripts.
 """
 
@@ -33,6 +39,7 @@ from typing import Any, Self, TypeVar
 import aio_pika
 import aio_pika.abc
 import aio_pika.exceptions
+import aiormq.exceptions
 import numpy as np
 import numpy.typing as npt
 import structlog
@@ -47,7 +54,15 @@ from producer.errors import (
     RequestTimeoutError,
 )
 from producer.messages import request_message
-from producer.names import CONTENT_TYPE_MSGPACK, DEFAULT_AMQP_URL, DEFAULT_QUEUE, DIRECT_REPLY_TO
+from producer.names import (
+    CONTENT_TYPE_MSGPACK,
+    DEFAULT_AMQP_URL,
+    DEFAULT_QUEUE,
+    DIRECT_REPLY_TO,
+    check_route_name,
+    model_exchange,
+    version_queue,
+)
 from producer.protocol import ErrorCode, ErrorReply, InferReply, as_tensor, decode_reply, encode_request
 from producer.tracing import RoundTrips
 from producer.urls import connect_failure
@@ -85,6 +100,7 @@ class _Call:
     inputs: Arrays
     rows: int
     request_id: str
+    exchange: str
     routing_key: str
     outputs: Sequence[str] | None
     deadline_s: float  # event-loop time
@@ -109,6 +125,12 @@ class Client:
             timing). ``1`` turns packing off.
         tracer_provider: where each call's span goes (default: the global OpenTelemetry provider; see
             :mod:`producer.tracing`).
+        model: send to this model's route instead of ``queue``: the broker splits the requests across
+            the model's live versions by weight, deterministically per request id, and each reply's
+            ``model_version`` says which version answered. A call with an explicit ``request_id`` is
+            never packed with others, so its own id picks the version (a retry lands where the first
+            try did while the weights stay the same).
+        version: pin every call to this version of ``model`` (each :meth:`infer` may pin its own).
 
     Use as ``async with Client(...) as client`` or call :meth:`connect` and :meth:`close`. When the
     connection drops, calls awaiting a reply raise :class:`~producer.errors.ConnectionLostError`;
@@ -125,13 +147,23 @@ class Client:
         connect_timeout_s: float = 10.0,
         coalesce_rows: int = DEFAULT_COALESCE_ROWS,
         tracer_provider: TracerProvider | None = None,
+        model: str | None = None,
+        version: str | None = None,
     ) -> None:
+        if model is not None:
+            check_route_name("model name", model)
+        if version is not None:
+            if model is None:
+                raise ValueError(f"version={version!r} pins a version of a model: pass model= too")
+            check_route_name("model version", version)
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         if coalesce_rows < 1:
             raise ValueError(f"coalesce_rows must be at least 1 (1 turns packing off), got {coalesce_rows}")
         self.amqp_url = amqp_url
         self.queue = queue
+        self.model = model
+        self.version = version
         self.timeout_s = timeout_s
         self.content_type = content_type
         self.connect_timeout_s = connect_timeout_s
@@ -233,6 +265,7 @@ class Client:
         parameters: dict[str, Any] | None = None,
         request_id: str | None = None,
         queue: str | None = None,
+        version: str | None = None,
     ) -> InferReply:
         """Send one request and return its reply.
 
@@ -243,29 +276,31 @@ class Client:
             outputs: output names to return (default: all).
             parameters: OIP request parameters passed to the worker.
             request_id: the request id (default: a random UUID); it is the message's correlation id.
-            queue: request queue (default: the client's ``queue``).
+            queue: request queue (default: the client's ``queue``; not used with a ``model``).
+            version: pin this call to a version of the client's ``model`` (default: the client's ``version``).
 
         Raises:
             RequestTimeoutError: no reply within ``timeout_s``.
             ErrorReplyError: the worker answered with an error; ``.code`` says which.
-            PublishRefusedError: the broker refused the request or has no such queue.
+            PublishRefusedError: the broker refused the request or has no such queue, version or live route.
             ConnectionLostError: the connection dropped before the reply arrived.
         """
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        exchange, routing_key = self._target(queue, version)
+        own_id_picks_version = bool(exchange) and request_id is not None
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._calls:
             raise ValueError(f"request id {request_id!r} is already awaiting a reply")
-        if self._coalescer is not None and parameters is None:
+        if self._coalescer is not None and parameters is None and not own_id_picks_version:
             arrays = {name: as_tensor(value) for name, value in inputs.items()}
             key = lane_key(arrays)
             if key is not None:
-                lane = (queue or self.queue, timeout_s, tuple(outputs) if outputs else None, key)
+                lane = (exchange, routing_key, timeout_s, tuple(outputs) if outputs else None, key)
                 return await self._infer_coalesced(arrays, lane, request_id, outputs, timeout_s)
         body = encode_request(inputs, self.content_type, request_id=request_id, outputs=outputs, parameters=parameters)
         message = request_message(
             body, request_id=request_id, content_type=self.content_type, reply_to=DIRECT_REPLY_TO, timeout_s=timeout_s
         )
-        routing_key = queue or self.queue
         if request_id in self._pending:
             raise ValueError(f"request id {request_id!r} is already awaiting a reply")
         future: asyncio.Future[InferReply | ErrorReply] = asyncio.get_running_loop().create_future()
@@ -277,11 +312,11 @@ class Client:
                     await self.connect()
                 assert self._channel is not None
                 self._pending[request_id] = future
-                await self._publish(self._channel, message, routing_key)
+                await self._publish(self._channel, message, exchange, routing_key)
                 reply = await future
         except TimeoutError:
             error = RequestTimeoutError(
-                f"no reply to request {request_id!r} from queue {routing_key!r} within {timeout_s:g} s"
+                f"no reply to request {request_id!r} from {_where(exchange, routing_key)} within {timeout_s:g} s"
             )
             raise error from None
         except BaseException as e:
@@ -304,7 +339,7 @@ class Client:
         assert self._coalescer is not None
         loop = asyncio.get_running_loop()
         rows = int(next(iter(arrays.values())).shape[0])
-        call = _Call(arrays, rows, request_id, lane[0], outputs, loop.time() + timeout_s, loop.create_future())
+        call = _Call(arrays, rows, request_id, lane[0], lane[1], outputs, loop.time() + timeout_s, loop.create_future())
         self._calls[request_id] = call
         self._coalescer.submit(lane, call)
         error: BaseException | None = None
@@ -313,7 +348,7 @@ class Client:
                 reply = await call.future
         except TimeoutError:
             error = RequestTimeoutError(
-                f"no reply to request {request_id!r} from queue {lane[0]!r} within {timeout_s:g} s"
+                f"no reply to request {request_id!r} from {_where(lane[0], lane[1])} within {timeout_s:g} s"
             )
             raise error from None
         except BaseException as e:
@@ -370,7 +405,7 @@ class Client:
             self._traces.start(message, first.routing_key)
             if len(calls) > 1:
                 future.add_done_callback(functools.partial(self._end_trace, request_id))
-            await self._publish(self._channel, message, first.routing_key)
+            await self._publish(self._channel, message, first.exchange, first.routing_key)
         except Exception as e:
             self._pending.pop(request_id, None)
             for call in calls:
@@ -439,28 +474,63 @@ class Client:
         outputs: Sequence[str] | None = None,
         request_id: str | None = None,
         queue: str | None = None,
+        version: str | None = None,
     ) -> InferReply:
         """Send strings (one row each) to a text model; the default model answers ``embedding`` [rows, 384].
 
         Args:
             texts: one string per row.
             input_name: the text input's name (``text``).
-            timeout_s, outputs, request_id, queue: as for :meth:`infer`.
+            timeout_s, outputs, request_id, queue, version: as for :meth:`infer`.
         """
         array = np.empty(len(texts), dtype=object)
         array[:] = list(texts)
         return await self.infer(
-            {input_name: array}, timeout_s=timeout_s, outputs=outputs, request_id=request_id, queue=queue
+            {input_name: array},
+            timeout_s=timeout_s,
+            outputs=outputs,
+            request_id=request_id,
+            queue=queue,
+            version=version,
         )
 
-    @staticmethod
-    async def _publish(channel: aio_pika.abc.AbstractChannel, message: aio_pika.Message, queue: str) -> None:
+    def _target(self, queue: str | None, version: str | None) -> tuple[str, str]:
+        """The exchange and routing key of a call: a queue, a pinned version's queue, or a model's route."""
+        version = version or self.version
+        if self.model is None:
+            if version is not None:
+                raise ValueError(f"version={version!r} pins a version of a model: create the client with model=")
+            return "", queue or self.queue
+        if version is not None:
+            return "", version_queue(self.model, check_route_name("model version", version))
+        return model_exchange(self.model), ""  # the route hashes the correlation id, not the routing key
+
+    async def _publish(
+        self, channel: aio_pika.abc.AbstractChannel, message: aio_pika.Message, exchange_name: str, routing_key: str
+    ) -> None:
+        where = _where(exchange_name, routing_key)
         try:
-            await channel.default_exchange.publish(message, routing_key=queue, mandatory=True)
+            exchange = (
+                channel.default_exchange
+                if not exchange_name
+                else await channel.get_exchange(exchange_name, ensure=False)
+            )
+            await exchange.publish(message, routing_key=routing_key, mandatory=True)
         except aio_pika.exceptions.PublishError as e:
-            raise PublishRefusedError(f"the broker could not route the request: no queue named {queue!r}") from e
+            if exchange_name:
+                why = f"no version of model {self.model!r} takes unpinned requests (every weight is 0)"
+            elif self.model is not None and routing_key != self.queue:
+                why = f"model {self.model!r} has no version serving {where} (is a worker started for it?)"
+            else:
+                why = f"no queue named {routing_key!r}"
+            raise PublishRefusedError(f"the broker could not route the request: {why}") from e
         except aio_pika.exceptions.DeliveryError as e:
-            raise PublishRefusedError(f"the broker refused the request to queue {queue!r} (nack)") from e
+            raise PublishRefusedError(f"the broker refused the request to {where} (nack)") from e
+        except aiormq.exceptions.ChannelNotFoundEntity as e:
+            raise PublishRefusedError(
+                f"model {self.model!r} has no route ({where} does not exist): start a worker with "
+                f"--model-name {self.model} --traffic-weight W, it declares the route"
+            ) from e
         except (aio_pika.exceptions.AMQPConnectionError, aio_pika.exceptions.ChannelInvalidStateError) as e:
             raise ConnectionLostError(f"the broker connection closed while publishing: {e}") from e
 
@@ -471,6 +541,10 @@ def _error_code(future: asyncio.Future[InferReply | ErrorReply]) -> str | None:
         return None
     reply = future.result()
     return reply.code if isinstance(reply, ErrorReply) else None
+
+
+def _where(exchange: str, routing_key: str) -> str:
+    return f"route {exchange!r}" if exchange else f"queue {routing_key!r}"
 
 
 class SyncClient:

@@ -5,6 +5,7 @@ The worker imports this module; the producer never imports the worker.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -101,3 +102,49 @@ def request_queue_arguments(
     if queue_type == "quorum":
         arguments["x-delivery-limit"] = delivery_limit
     return arguments
+
+
+# Model versions. A model's route is a consistent-hash exchange (plugin rabbitmq_consistent_hash_exchange)
+# that splits unpinned requests across the queues of its versions, by weight, hashing the request id
+# (the message's correlation_id): a retried request reaches the same version while the weights stay
+# the same. Each version has its own queue, bound to the route with its weight as the binding key;
+# weight 0 = not bound. A pinned request goes to a version's queue directly (default exchange).
+MODEL_ROUTE_EXCHANGE_TYPE = "x-consistent-hash"
+CONSISTENT_HASH_PLUGIN = "rabbitmq_consistent_hash_exchange"
+MODEL_ROUTE_ARGUMENTS: dict[str, Any] = {"hash-property": "correlation_id"}
+"""Arguments of a model's route exchange: the request id (correlation_id) picks the version."""
+MAX_TRAFFIC_WEIGHT = 100
+"""Largest weight of one version. Weights are relative shares (90 and 10, or 9 and 1, split alike)."""
+
+_ROUTE_NAME = re.compile(r"[A-Za-z0-9_-]{1,100}")
+
+
+def check_route_name(kind: str, name: str) -> str:
+    """``name`` when it can be part of route names (letters, digits, ``_``, ``-``; 1-100), else ValueError.
+
+    Args:
+        kind: what the name is (``model name``, ``model version``), for the message.
+        name: the name to check.
+    """
+    if not _ROUTE_NAME.fullmatch(name):
+        raise ValueError(f"{kind} {name!r} cannot name a route: use 1-100 letters, digits, '_' or '-' (no dots)")
+    return name
+
+
+def model_exchange(model: str) -> str:
+    """Name of the consistent-hash exchange that splits ``model``'s unpinned requests across its versions."""
+    return f"model.{check_route_name('model name', model)}"
+
+
+def version_queue(model: str, version: str) -> str:
+    """Name of the request queue of one version of ``model``; pinned requests are published straight to it."""
+    return f"{model_exchange(model)}.v{check_route_name('model version', version)}"
+
+
+def version_of_queue(model: str, queue: str) -> str | None:
+    """The version whose queue is ``queue``, or None when ``queue`` is not a version queue of ``model``."""
+    prefix = f"{model_exchange(model)}.v"
+    version = queue.removeprefix(prefix)
+    if version == queue or not _ROUTE_NAME.fullmatch(version):
+        return None
+    return version

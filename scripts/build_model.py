@@ -17,12 +17,16 @@ Variants for GPUs (ONNX Runtime's transformer optimizer: fused SkipLayerNorm/Bia
 ``--optimize`` keeps FP32 (default folder ``models/all-MiniLM-L6-v2-opt/``); ``--fp16`` also converts the
 weights to FP16, keeping FP32/int64 inputs and outputs (``models/all-MiniLM-L6-v2-fp16/``).
 
+Variant for CPUs: ``--int8`` quantizes the weights of the FP32 export dynamically with ONNX Runtime's
+quantization tools (INT8 weights, activations quantized per batch at run time; inputs and outputs unchanged),
+into ``models/all-MiniLM-L6-v2-int8/``. ``bench/int8_report.py`` compares it with FP32.
+
 The build is idempotent: when the folder already holds a model built from the same weights with the same
 options, it says so and stops (``--force`` rebuilds). Each build ends by checking what it wrote: the model opens
 in ONNX Runtime, declares the expected inputs and outputs, and its embeddings (tokenizer -> ONNX Runtime ->
 the worker's pooling) match sentence-transformers on the same weights.
 
-Usage: ``python scripts/build_model.py [--out DIR] [--optimize | --fp16] [--max-length N] [--force]``
+Usage: ``python scripts/build_model.py [--out DIR] [--optimize | --fp16 | --int8] [--max-length N] [--force]``
 """
 
 from __future__ import annotations
@@ -75,7 +79,8 @@ REFERENCE_TEXTS = (
     "Ünïcödé façade — naïve café, 東京タワー, emoji 🚀.",
     " ".join(["A text far longer than the maximum length, so that truncation takes effect."] * 40),
 )
-MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999}
+MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.95}
+"""Lowest cosine against sentence-transformers a build may show on the reference texts, per precision."""
 
 
 class BuildError(RuntimeError):
@@ -128,6 +133,7 @@ def build_key(source: Path, args: argparse.Namespace) -> dict[str, Any]:
         "max_length": args.max_length,
         "optimize": args.optimize or args.fp16,
         "fp16": args.fp16,
+        **({"int8": True} if args.int8 else {}),
     }
 
 
@@ -210,6 +216,35 @@ def optimize_onnx(source: Path, target: Path, *, fp16: bool) -> dict[str, int]:
     return fused
 
 
+def quantize_int8(source: Path, target: Path) -> dict[str, int]:
+    """Quantize the weights of ``source`` to INT8 dynamically (ONNX Runtime's quantization tools).
+
+    MatMul and Gemm weights become signed INT8 with one scale per output channel (one scale per tensor
+    drops the lowest cosine against FP32 on the reference texts from about 0.98 to 0.90); activations are
+    quantized per run from their observed range, so no calibration set is needed. The token embedding
+    table (a Gather) stays FP32. Returns the quantized model's
+    operator counts of the integer kinds, as a record of what was quantized.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
+
+    prepared = target.with_name("prepared.onnx")
+    quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+    quantize_dynamic(
+        str(prepared),
+        str(target),
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        op_types_to_quantize=["MatMul", "Gemm"],
+    )
+    prepared.unlink()
+    ops: dict[str, int] = {}
+    for node in onnx.load(str(target)).graph.node:
+        if "Integer" in node.op_type or "Quantize" in node.op_type:
+            ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return ops
+
+
 def write_tokenizer(source: Path, target: Path, max_length: int) -> None:
     """Copy the tokenizer, truncating at ``max_length`` and padding to the longest row of a batch."""
     from tokenizers import Tokenizer
@@ -267,7 +302,7 @@ def check_build(folder: Path, source: Path, precision: str) -> dict[str, Any]:
 
 def build(args: argparse.Namespace) -> Path:
     out: Path = args.out
-    precision: Literal["fp32", "fp16"] = "fp16" if args.fp16 else "fp32"
+    precision: Literal["fp32", "fp16", "int8"] = "fp16" if args.fp16 else "int8" if args.int8 else "fp32"
     try:
         source = source_folder()
     except BuildError:
@@ -294,8 +329,13 @@ def build(args: argparse.Namespace) -> Path:
                 fused = optimize_onnx(tmp / "encoder.onnx", tmp / "model.onnx", fp16=args.fp16)
             say("3/5", f"fused operators: {fused or 'none'}")
             (tmp / "encoder.onnx").unlink()
+        elif args.int8:
+            with timed("3/5", "quantizing the weights to INT8 (ONNX Runtime dynamic quantization)"):
+                fused = quantize_int8(tmp / "encoder.onnx", tmp / "model.onnx")
+            say("3/5", f"integer operators: {fused or 'none'}")
+            (tmp / "encoder.onnx").unlink()
         else:
-            say("3/5", "no optimization asked (--optimize / --fp16 for GPU variants)")
+            say("3/5", "no optimization asked (--optimize / --fp16 for GPU variants, --int8 for CPUs)")
             (tmp / "encoder.onnx").rename(tmp / "model.onnx")
         write_tokenizer(source, tmp / "tokenizer.json", args.max_length)
         manifest = Manifest(
@@ -346,17 +386,20 @@ def write_manifest(folder: Path, manifest: Manifest, build_facts: dict[str, Any]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--out", type=Path, help=f"model folder to write (default {DEFAULT_FOLDER}[-opt|-fp16])")
+    parser.add_argument("--out", type=Path, help=f"model folder to write (default {DEFAULT_FOLDER}[-opt|-fp16|-int8])")
     variant = parser.add_mutually_exclusive_group()
     variant.add_argument("--optimize", action="store_true", help="fuse transformer kernels (FP32), for GPUs")
     variant.add_argument("--fp16", action="store_true", help="fuse kernels and convert weights to FP16, for GPUs")
+    variant.add_argument(
+        "--int8", action="store_true", help="quantize the weights to INT8 dynamically (ONNX Runtime), for CPUs"
+    )
     parser.add_argument("--max-length", type=int, default=256, help="tokens per row, longer texts are truncated")
     parser.add_argument("--force", action="store_true", help="rebuild even when the folder is up to date")
     args = parser.parse_args(argv)
     if not 8 <= args.max_length <= MAX_POSITIONS:
         parser.error(f"--max-length must be between 8 and {MAX_POSITIONS}")
     if args.out is None:
-        suffix = "-fp16" if args.fp16 else "-opt" if args.optimize else ""
+        suffix = "-fp16" if args.fp16 else "-opt" if args.optimize else "-int8" if args.int8 else ""
         args.out = DEFAULT_FOLDER.with_name(NAME + suffix)
     return args
 

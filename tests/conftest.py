@@ -58,6 +58,8 @@ def amqp_url() -> Iterator[str]:
         from testcontainers.rabbitmq import RabbitMqContainer
 
         with RabbitMqContainer("rabbitmq:3.13-management") as container:
+            # Model routes need the consistent-hash exchange (scripts/ensure-broker.sh does the same).
+            container.exec(["rabbitmq-plugins", "enable", "rabbitmq_consistent_hash_exchange"])
             params = container.get_connection_params()
             yield f"amqp://guest:guest@{params.host}:{params.port}/"
         return

@@ -5,7 +5,7 @@ from __future__ import annotations
 import aio_pika
 import aiormq.exceptions
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue, AbstractRobustConnection
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
@@ -15,8 +15,9 @@ from tenacity import (
 )
 
 from producer.names import dead_letter_queue, request_queue_arguments
+from producer.routes import RouteError, declare_route, set_weight
 from producer.urls import connect_failure
-from worker.errors import BrokerAuthenticationError, BrokerUnavailableError
+from worker.errors import BrokerAuthenticationError, BrokerRouteError, BrokerUnavailableError
 from worker.settings import Settings
 
 log = structlog.get_logger("worker")
@@ -58,14 +59,69 @@ async def connect(url: str, *, timeout_s: float, name: str) -> AbstractRobustCon
 
 
 async def declare_request_queue(channel: AbstractChannel, settings: Settings) -> AbstractQueue:
-    """Declare the request queue and its dead-letter queue, both durable, from the shared arguments."""
+    """Declare the request queue and its dead-letter queue, both durable, from the shared arguments.
+
+    A routed worker (``traffic_weight`` set) first declares its model's route, and after its version
+    queue binds it to the route with its weight (:func:`join_route`).
+    """
+    if settings.routed:
+        await check_route(settings)
     await channel.declare_queue(
         dead_letter_queue(settings.queue), durable=True, arguments={"x-queue-type": settings.queue_type}
     )
-    return await channel.declare_queue(
+    queue = await channel.declare_queue(
         settings.queue,
         durable=True,
         arguments=request_queue_arguments(
             settings.queue, queue_type=settings.queue_type, delivery_limit=settings.delivery_limit
         ),
+    )
+    if settings.routed:
+        await join_route(settings)
+    return queue
+
+
+async def _route_connection(settings: Settings) -> AbstractConnection:
+    # Its own short, plain connection: a broker without the exchange type closes the whole connection,
+    # which a robust connection would try to restore.
+    return await aio_pika.connect(
+        settings.amqp_url,
+        timeout=settings.connect_timeout_s,
+        client_properties={"connection_name": "qinfer-worker-route"},
+    )
+
+
+async def check_route(settings: Settings) -> None:
+    """Declare the model's route exchange; refuse to start when the broker cannot provide it.
+
+    Raises:
+        BrokerRouteError: the consistent-hash exchange is missing (plugin not enabled) or the name clashes.
+    """
+    connection = await _route_connection(settings)
+    try:
+        await declare_route(await connection.channel(), settings.model_name)
+    except RouteError as e:
+        raise BrokerRouteError(str(e)) from e
+    finally:
+        await connection.close()
+
+
+async def join_route(settings: Settings) -> None:
+    """Bind this version's queue to its model's route with ``traffic_weight`` (0: unbind), replacing any other."""
+    assert settings.traffic_weight is not None
+    connection = await _route_connection(settings)
+    try:
+        await set_weight(
+            await connection.channel(), settings.model_name, settings.model_version, settings.traffic_weight
+        )
+    except RouteError as e:
+        raise BrokerRouteError(str(e)) from e
+    finally:
+        await connection.close()
+    log.info(
+        "route_joined",
+        model=settings.model_name,
+        version=settings.model_version,
+        queue=settings.queue,
+        traffic_weight=settings.traffic_weight,
     )

@@ -19,3 +19,7 @@ class BrokerUnavailableError(WorkerError):
 
 class BrokerAuthenticationError(WorkerError):
     """Raised when the broker rejects the worker's credentials (never retried)."""
+
+
+class BrokerRouteError(WorkerError):
+    """Raised when the broker lacks what a model route needs (the consistent-hash exchange), or the route clashes."""

@@ -71,7 +71,8 @@ class Manifest:
         normalize: whether embeddings are L2-normalized.
         output: name of the reply output carrying the embeddings, FP32 [rows, dim].
         dim: embedding width.
-        precision: weights precision of the ONNX file (``fp32`` or ``fp16``; inputs and outputs stay as declared).
+        precision: weights precision of the ONNX file (``fp32``, ``fp16``, or ``int8`` for dynamically
+            quantized weights; inputs and outputs stay as declared).
         build: free-form facts the build recorded (source, versions, checksums); not interpreted by the worker.
     """
 
@@ -89,7 +90,7 @@ class Manifest:
     normalize: bool = True
     output: str = "embedding"
     dim: int = 384
-    precision: Literal["fp32", "fp16"] = "fp32"
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
     build: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
@@ -129,7 +130,7 @@ _FIELDS: dict[str, tuple[type, tuple[Any, ...] | None]] = {
     "normalize": (bool, None),
     "output": (str, None),
     "dim": (int, None),
-    "precision": (str, ("fp32", "fp16")),
+    "precision": (str, ("fp32", "fp16", "int8")),
 }
 _REQUIRED = ("pipeline", "name")
 

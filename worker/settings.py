@@ -15,7 +15,15 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from producer.names import DEFAULT_AMQP_URL, DEFAULT_DELIVERY_LIMIT, DEFAULT_QUEUE, DEFAULT_REPLY_TO_PATTERN
+from producer.names import (
+    DEFAULT_AMQP_URL,
+    DEFAULT_DELIVERY_LIMIT,
+    DEFAULT_QUEUE,
+    DEFAULT_REPLY_TO_PATTERN,
+    MAX_TRAFFIC_WEIGHT,
+    check_route_name,
+    version_queue,
+)
 
 Device = Literal["auto", "cpu", "cuda"]
 LogFormat = Literal["auto", "json", "console"]
@@ -37,6 +45,7 @@ class Settings:
     model_name: str = ""
     model_version: str = "1"
     queue: str = DEFAULT_QUEUE
+    traffic_weight: int | None = None
     queue_type: Literal["quorum", "classic"] = "quorum"
     delivery_limit: int = DEFAULT_DELIVERY_LIMIT
     max_batch: int = 64
@@ -75,6 +84,28 @@ class Settings:
             raise SettingsError(
                 f"WORKER_REPLY_TO_PATTERN (--reply-to-pattern) is not a regular expression: {e}"
             ) from None
+        if self.traffic_weight is not None:
+            self._route_version()
+
+    def _route_version(self) -> None:
+        """With a traffic weight the worker serves one version of a model's route: its queue is derived."""
+        if not self.model_name:
+            raise SettingsError(
+                "WORKER_TRAFFIC_WEIGHT (--traffic-weight) needs WORKER_MODEL_NAME (--model-name): "
+                "the route is named after the model"
+            )
+        try:
+            check_route_name("WORKER_MODEL_NAME (--model-name)", self.model_name)
+            check_route_name("WORKER_MODEL_VERSION (--model-version)", self.model_version)
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
+        # The version queue replaces --queue; every reader of ``queue`` (consumer, logs) follows.
+        object.__setattr__(self, "queue", version_queue(self.model_name, self.model_version))
+
+    @property
+    def routed(self) -> bool:
+        """True when the worker serves a version of a model's route (``traffic_weight`` is set)."""
+        return self.traffic_weight is not None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -110,6 +141,8 @@ class SettingSpec:
 
     def check(self, value: Any) -> None:
         name = f"{self.env} ({self.flag})"
+        if value is None:
+            return
         if self.choices is not None and value not in self.choices:
             raise SettingsError(f"{name} is {value!r}; allowed: {', '.join(self.choices)}")
         if self.minimum is not None and value < self.minimum:
@@ -141,6 +174,18 @@ def _processes(text: str) -> int:
         raise SettingsError(f"WORKER_PROCESSES is {text!r}; use a number of processes or auto") from None
 
 
+def _optional_int(env: str) -> Callable[[str], int | None]:
+    def parse(text: str) -> int | None:
+        if not text.strip():
+            return None
+        try:
+            return int(text)
+        except ValueError:
+            raise SettingsError(f"{env} is {text!r}, which is not an int (empty: not set)") from None
+
+    return parse
+
+
 def _number(kind: Callable[[str], Any], env: str) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
@@ -157,6 +202,16 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("model_name", "WORKER_MODEL_NAME", "--model-name", "model name in replies (default: the file name)"),
     SettingSpec("model_version", "WORKER_MODEL_VERSION", "--model-version", "model version in replies"),
     SettingSpec("queue", "WORKER_QUEUE", "--queue", "request queue to consume (declared if missing)"),
+    SettingSpec(
+        "traffic_weight",
+        "WORKER_TRAFFIC_WEIGHT",
+        "--traffic-weight",
+        "serve version --model-version of model --model-name with this share of its unpinned requests, "
+        "consuming queue model.NAME.vVERSION instead of --queue (0: pinned requests only; unset: --queue as before)",
+        _optional_int("WORKER_TRAFFIC_WEIGHT"),
+        minimum=0,
+        maximum=MAX_TRAFFIC_WEIGHT,
+    ),
     SettingSpec("queue_type", "WORKER_QUEUE_TYPE", "--queue-type", "request queue type", choices=("quorum", "classic")),
     SettingSpec(
         "delivery_limit",

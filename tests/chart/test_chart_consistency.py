@@ -74,8 +74,8 @@ def test_the_worker_accepts_the_settings_the_chart_renders(scenario: Scenario) -
     settings = Settings.from_env(env)
     values = Helm.load_chart().merge_values(scenario.values())
     for spec in SETTINGS:
-        if spec.env in NOT_IN_CONFIGMAP:
-            continue
+        if spec.env in NOT_IN_CONFIGMAP or (spec.field == "queue" and settings.routed):
+            continue  # a routed worker consumes its version's queue (see the trigger test)
         expected = spec.parse(str(dig(values, chart_key(spec.field))))
         assert getattr(settings, spec.field) == expected, spec.env
 
@@ -83,7 +83,9 @@ def test_the_worker_accepts_the_settings_the_chart_renders(scenario: Scenario) -
 @pytest.mark.parametrize("scenario", scenario_params())
 def test_the_trigger_watches_the_queue_the_worker_consumes(scenario: Scenario) -> None:
     rendered = render(scenario.values())
-    queue = rendered.worker_env()["WORKER_QUEUE"]
+    env = rendered.worker_env()
+    env["AMQP_URL"] = "amqp://user:password@rabbitmq:5672/"
+    queue = Settings.from_env(env).queue  # a version's queue when the release serves a model version
     for scaled_object in rendered.of_kind("ScaledObject"):
         assert [t["metadata"]["queueName"] for t in scaled_object["spec"]["triggers"]] == [queue]
 
@@ -152,6 +154,8 @@ def test_schema_ranges_and_choices_are_the_workers() -> None:
         if spec.env in NOT_IN_CONFIGMAP or spec.field in CHART_KEYS:
             continue
         declared = properties[camel(spec.field)]
+        if spec.field == "traffic_weight":  # a number in range, or empty for "not set"
+            declared = next(option for option in declared["oneOf"] if option["type"] == "integer")
         if spec.choices is not None:
             assert declared["enum"] == list(spec.choices), spec.env
         if spec.field == "http_port":
@@ -175,6 +179,8 @@ def test_schema_ranges_and_choices_are_the_workers() -> None:
         pytest.param({"autoscaling": {"host": "http://guest:guest@rabbitmq:15672/"}}, "host", id="credentials-in-host"),
         pytest.param({"worker": {"maxBatch": "64"}}, "maxBatch", id="number-as-string"),
         pytest.param({"worker": {"processes": "many"}}, "processes", id="processes-neither-number-nor-auto"),
+        pytest.param({"worker": {"trafficWeight": 101}}, "trafficWeight", id="weight-above-range"),
+        pytest.param({"worker": {"trafficWeight": "5"}}, "trafficWeight", id="weight-as-string"),
     ],
 )
 def test_the_values_schema_rejects_mistakes(override: dict[str, Any], complaint: str) -> None:
@@ -272,3 +278,23 @@ def test_chart_app_version_is_the_projects_version() -> None:
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
     chart = yaml.safe_load((CHART_DIR / "Chart.yaml").read_text())
     assert chart["appVersion"] == project["version"]
+
+
+def test_a_canary_release_consumes_its_version_queue_and_binds_its_weight() -> None:
+    values = deep_merge(
+        INSTALL_TIME_CREDENTIALS, {"worker": {"modelName": "minilm", "modelVersion": "2", "trafficWeight": 5}}
+    )
+    rendered = render(values)
+    env = rendered.worker_env()
+    assert env["WORKER_TRAFFIC_WEIGHT"] == "5"
+    assert [t["metadata"]["queueName"] for t in rendered.one("ScaledObject")["spec"]["triggers"]] == ["model.minilm.v2"]
+
+
+def test_a_weight_without_a_route_name_is_refused() -> None:
+    values = deep_merge(INSTALL_TIME_CREDENTIALS, {"worker": {"modelName": "", "trafficWeight": 5}})
+    with pytest.raises(helm.HelmError, match=r"worker.modelName names the model's route"):
+        render(values)
+    values = deep_merge(INSTALL_TIME_CREDENTIALS, {"worker": {"modelName": "minilm", "modelVersion": "2.1"}})
+    values["worker"]["trafficWeight"] = 0
+    with pytest.raises(helm.HelmError, match=r"worker.modelVersion names the version's queue"):
+        render(values)

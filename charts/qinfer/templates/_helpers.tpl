@@ -87,6 +87,7 @@ WORKER_MODEL: {{ .Values.model.path | quote }}
 WORKER_MODEL_NAME: {{ $w.modelName | quote }}
 WORKER_MODEL_VERSION: {{ $w.modelVersion | quote }}
 WORKER_QUEUE: {{ $w.queue | quote }}
+WORKER_TRAFFIC_WEIGHT: {{ $w.trafficWeight | toString | quote }}
 WORKER_QUEUE_TYPE: {{ $w.queueType | quote }}
 WORKER_DELIVERY_LIMIT: {{ $w.deliveryLimit | int | quote }}
 WORKER_MAX_BATCH: {{ $w.maxBatch | int | quote }}
@@ -115,6 +116,19 @@ WORKER_DEATH_WINDOW_S: {{ $w.deathWindowS | toString | quote }}
 {{- end }}
 
 {{/*
+The queue the workers consume: worker.queue, or with worker.trafficWeight the version's queue
+(model.NAME.vVERSION, as producer/names.py version_queue derives it).
+*/}}
+{{- define "qinfer.requestQueue" -}}
+{{- $w := .Values.worker -}}
+{{- if eq (toString $w.trafficWeight) "" -}}
+{{- $w.queue -}}
+{{- else -}}
+{{- printf "model.%s.v%s" $w.modelName (toString $w.modelVersion) -}}
+{{- end -}}
+{{- end }}
+
+{{/*
 Checks across values that a schema cannot express; each failure names the keys to change.
 */}}
 {{- define "qinfer.validate" -}}
@@ -122,6 +136,14 @@ Checks across values that a schema cannot express; each failure names the keys t
 {{- $minGrace := addf $w.drainTimeoutS .Values.drainMarginSeconds -}}
 {{- if lt (float64 .Values.terminationGracePeriodSeconds) (float64 $minGrace) }}
 {{- fail (printf "terminationGracePeriodSeconds (%v) must be at least worker.drainTimeoutS (%v) + drainMarginSeconds (%v): otherwise Kubernetes kills a draining worker before it has handed its in-flight work back" .Values.terminationGracePeriodSeconds $w.drainTimeoutS .Values.drainMarginSeconds) }}
+{{- end }}
+{{- if ne (toString $w.trafficWeight) "" }}
+{{- if not (regexMatch "^[A-Za-z0-9_-]{1,100}$" $w.modelName) }}
+{{- fail (printf "worker.trafficWeight is set, so worker.modelName names the model's route: use 1-100 letters, digits, '_' or '-' (got %q)" $w.modelName) }}
+{{- end }}
+{{- if not (regexMatch "^[A-Za-z0-9_-]{1,100}$" (toString $w.modelVersion)) }}
+{{- fail (printf "worker.trafficWeight is set, so worker.modelVersion names the version's queue: use 1-100 letters, digits, '_' or '-', no dots (got %q)" (toString $w.modelVersion)) }}
+{{- end }}
 {{- end }}
 {{- if eq (int $w.httpPort) 0 }}
 {{- fail "worker.httpPort is 0 (no HTTP server), but the chart's probes and metrics Service need /livez, /readyz and /metrics: choose a port" }}
