@@ -433,7 +433,10 @@ def to_env(settings: Settings) -> dict[str, str]:
     env: dict[str, str] = {}
     for spec in SETTINGS:
         value = getattr(settings, spec.field)
-        env[spec.env] = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        if isinstance(value, bool):
+            env[spec.env] = "true" if value else "false"
+        else:
+            env[spec.env] = "" if value is None else str(value)  # empty reads back as "not set"
     return env
 
 
