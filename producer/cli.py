@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 import uuid
 
 import aio_pika
+import aiormq.exceptions
+import structlog
 
+from producer import tls
 from producer.bulk_cli import add_bulk_parser, run_bulk
+from producer.errors import BrokerTlsError
 from producer.loadtest_cli import add_loadtest_parser, run_loadtest
 from producer.messages import request_message
 from producer.names import (
@@ -19,6 +24,7 @@ from producer.names import (
     DEFAULT_QUEUE,
     DIRECT_REPLY_TO,
 )
+from producer.urls import broker_url, connect_failure
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         '"shape": [1], "data": ["hello"]}]}\'',
     )
     send.add_argument("--amqp-url", default=None, help=f"broker URL (env AMQP_URL; default {DEFAULT_AMQP_URL})")
+    tls.add_arguments(send)
     send.add_argument("--queue", default=DEFAULT_QUEUE, help="request queue (default %(default)s)")
     send.add_argument("--json", dest="body", default=None, help="request body; read from stdin when omitted")
     send.add_argument(
@@ -43,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _send(url: str, queue: str, body: bytes, content_type: str, timeout_s: float) -> bytes:
-    connection = await aio_pika.connect(url)
+async def _send(
+    url: str, options: tls.TlsOptions, queue: str, body: bytes, content_type: str, timeout_s: float
+) -> bytes:
+    connection = await tls.connect(url, options, timeout=timeout_s)
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         replies: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
@@ -59,18 +68,33 @@ async def _send(url: str, queue: str, body: bytes, content_type: str, timeout_s:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-
     args = build_parser().parse_args(argv)
+    if not structlog.is_configured():
+        # Replies go to stdout; the few log events (warnings) go to stderr.
+        structlog.configure(
+            wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+            logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        )
     if args.command == "load-test":
         return run_loadtest(args)
     if args.command == "bulk":
         return run_bulk(args)
     if args.command == "send":
-        url = args.amqp_url or os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
+        try:
+            url = broker_url(url=args.amqp_url, url_file=args.amqp_url_file)
+            options = tls.options_from_args(args)
+        except (ValueError, BrokerTlsError) as e:
+            print(f"producer: {e}", file=sys.stderr)
+            return 2
         body = (args.body if args.body is not None else sys.stdin.read()).encode()
         try:
-            reply = asyncio.run(_send(url, args.queue, body, args.content_type, args.timeout_s))
+            reply = asyncio.run(_send(url, options, args.queue, body, args.content_type, args.timeout_s))
+        except BrokerTlsError as e:
+            print(f"producer: {e}", file=sys.stderr)
+            return 1
+        except (ConnectionError, OSError, aiormq.exceptions.AMQPConnectionError) as e:
+            print(f"producer: {connect_failure(url, e)}", file=sys.stderr)
+            return 1
         except TimeoutError:
             print(
                 f"producer: no reply within {args.timeout_s:g} s; is a worker consuming {args.queue!r}?",

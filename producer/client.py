@@ -45,6 +45,8 @@ from producer.errors import (
 from producer.messages import request_message
 from producer.names import CONTENT_TYPE_MSGPACK, DEFAULT_AMQP_URL, DEFAULT_QUEUE, DIRECT_REPLY_TO
 from producer.protocol import ErrorReply, InferReply, decode_reply, encode_request
+from producer.tls import TlsOptions
+from producer.tls import connect as tls_connect
 from producer.urls import connect_failure
 
 __all__ = ["Client", "SyncClient"]
@@ -66,6 +68,8 @@ class Client:
         timeout_s: default per-call timeout in seconds; it is also the request's deadline.
         content_type: request encoding, ``application/msgpack`` (default, fast) or ``application/json``.
         connect_timeout_s: how long to wait for the broker when connecting.
+        tls: for an ``amqps://`` URL: CA bundle, client certificate and key, host name check (default: the
+            system's CAs, host name verified; :meth:`producer.tls.TlsOptions.from_env` reads ``AMQP_CA_FILE``...).
 
     Use as ``async with Client(...) as client`` or call :meth:`connect` and :meth:`close`. When the
     connection drops, calls awaiting a reply raise :class:`~producer.errors.ConnectionLostError`;
@@ -80,6 +84,7 @@ class Client:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         content_type: str = CONTENT_TYPE_MSGPACK,
         connect_timeout_s: float = 10.0,
+        tls: TlsOptions | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
@@ -88,6 +93,7 @@ class Client:
         self.timeout_s = timeout_s
         self.content_type = content_type
         self.connect_timeout_s = connect_timeout_s
+        self.tls = tls
         self._connection: aio_pika.abc.AbstractConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._pending: dict[str, asyncio.Future[InferReply | ErrorReply]] = {}
@@ -118,7 +124,7 @@ class Client:
                 return
             await self._close_connection()
             try:
-                connection = await aio_pika.connect(self.amqp_url, timeout=self.connect_timeout_s)
+                connection = await tls_connect(self.amqp_url, self.tls, timeout=self.connect_timeout_s)
             except (*aio_pika.exceptions.CONNECTION_EXCEPTIONS, TimeoutError) as e:
                 raise ConnectionLostError(connect_failure(self.amqp_url, e)) from e
             try:

@@ -28,11 +28,13 @@ import aiohttp
 import aiormq.exceptions
 import msgspec
 
-from producer.errors import InferenceError
+from producer.errors import BrokerTlsError, InferenceError
 from producer.loadtest.profiles import Profile, send_offsets
 from producer.loadtest.stats import NO_REPLY, OK, PENDING, PUBLISH_FAILED, DepthReading, Sample, timing_entry
 from producer.messages import request_message
 from producer.names import DIRECT_REPLY_TO
+from producer.tls import TlsOptions
+from producer.tls import connect as tls_connect
 from producer.urls import connect_failure
 
 
@@ -90,6 +92,7 @@ class Target:
 
     Args:
         amqp_url: the broker.
+        tls: for an ``amqps://`` URL: CA bundle, client certificate and key (default: the system's CAs).
         queue: the request queue (it must exist; a worker declares it).
         timeout_s: per-request deadline (``expiration`` and ``x-deadline-ms``); 0 for none.
         drain_timeout_s: after sending stops, how long to wait for the outstanding replies.
@@ -101,11 +104,12 @@ class Target:
         purge: empty the queue before starting (leftovers of an earlier run would distort this one).
     """
 
-    amqp_url: str
+    amqp_url: str = dataclasses.field(repr=False)
     queue: str
+    tls: TlsOptions | None = None
     timeout_s: float = 30.0
     drain_timeout_s: float = 30.0
-    management_url: str | None = None
+    management_url: str | None = dataclasses.field(default=None, repr=False)
     depth_interval_s: float = 0.25
     wait_consumers: int = 0
     wait_timeout_s: float = 120.0
@@ -178,7 +182,9 @@ class LoadRunner:
         """
         t = self.target
         try:
-            connection = await aio_pika.connect(t.amqp_url, client_properties={"connection_name": "qinfer-loadtest"})
+            connection = await tls_connect(t.amqp_url, t.tls, client_properties={"connection_name": "qinfer-loadtest"})
+        except BrokerTlsError as e:
+            raise LoadTestError(str(e)) from e
         except (ConnectionError, OSError, aiormq.exceptions.AMQPConnectionError) as e:
             raise LoadTestError(connect_failure(t.amqp_url, e)) from e
         loop = asyncio.get_running_loop()
@@ -409,8 +415,8 @@ class LoadRunner:
             return
         # Its own connection: on the publishing one, these frames would queue behind the publishes (and
         # behind the broker's flow control), so readings would stall exactly during a burst.
-        depth_connection = await aio_pika.connect(
-            t.amqp_url, client_properties={"connection_name": "qinfer-loadtest-depth"}
+        depth_connection = await tls_connect(
+            t.amqp_url, t.tls, client_properties={"connection_name": "qinfer-loadtest-depth"}
         )
         channel = await depth_connection.channel()
         try:
