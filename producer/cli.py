@@ -67,13 +67,17 @@ async def _send(
         return reply.body
 
 
+def _stderr_logger(*_args: object) -> structlog.PrintLogger:
+    """A logger writing to whatever ``sys.stderr`` is when it logs (not when logging was configured)."""
+    return structlog.PrintLogger(sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not structlog.is_configured():
-        # Replies go to stdout; the few log events (warnings) go to stderr.
+        # Replies and reports go to stdout; the few log events (warnings) go to stderr.
         structlog.configure(
-            wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-            logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+            wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING), logger_factory=_stderr_logger
         )
     if args.command == "load-test":
         return run_loadtest(args)
