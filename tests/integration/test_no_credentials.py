@@ -1,7 +1,7 @@
 """No credential ever shows: not in a log line, an error message, ``/metrics``, a load-test report or a reply.
 
 Runs against the TLS test node, whose user has a random password: a worker at debug level reading its URL
-from a file, good and bad requests through the client, a load test given the URL with its password on the
+from a file, good and bad requests through the client, a bulk job, a load test given the URL with its password on the
 command line, and failures (a wrong password, a TLS refusal) from the worker, the client and the CLI. Every
 text any of them produced is searched for the password.
 """
@@ -79,6 +79,16 @@ async def test_no_credential_appears_in_logs_errors_metrics_reports_or_replies(
         for path in sorted(report.iterdir()):
             if path.suffix in (".md", ".json", ".csv"):
                 seen[f"report {path.name}"] = path.read_text()
+        rows = tmp_path / "rows.jsonl"
+        rows.write_text("".join(f'{{"id": "r{i}", "inputs": {{"x": [{i}, 1, 2, 3]}}}}\n' for i in range(5)))
+        output = tmp_path / "results.jsonl"
+        code, seen["bulk output"] = await run(
+            sys.executable, "-m", "producer.cli", "bulk", str(rows), "--output", str(output), "--queue", queue,
+            "--no-progress", env={**env, **files},
+        )  # fmt: skip
+        assert code == 0, seen["bulk output"]  # a bulk job over mutual TLS, its URL from AMQP_URL_FILE
+        seen["bulk results"] = output.read_text()
+        assert len(seen["bulk results"].splitlines()) == 5
         seen["/metrics"] = await asyncio.to_thread(_metrics, port)
     seen["worker log"] = worker.log_tail(10_000)
     assert "amqps://***@localhost" in seen["worker log"]  # the URL is logged, without its credentials
