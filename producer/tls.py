@@ -45,6 +45,7 @@ __all__ = [
     "connect_robust",
     "describe_failure",
     "find_tls_error",
+    "https_context",
     "is_tls_url",
     "options_from_args",
     "probe",
@@ -164,6 +165,16 @@ def ssl_context(url: str, options: TlsOptions) -> ssl.SSLContext | None:
             f"the broker URL carries TLS query parameters ({', '.join(found)}), which are not used: set "
             f"{ENV_CA_FILE}, {ENV_CERT_FILE}, {ENV_KEY_FILE} (or --ca-file, --cert-file, --key-file) instead"
         )
+    return https_context(options, where=_where(url))
+
+
+def https_context(options: TlsOptions, *, where: str) -> ssl.SSLContext:
+    """An SSL context from ``options`` for any TLS connection to the broker's machines (also its ``https://``
+    management API); ``where`` (host:port) names the peer in the host-name warning.
+
+    Raises:
+        BrokerTlsError: when a file cannot be used.
+    """
     try:
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
         if options.ca_file is not None:
@@ -186,7 +197,7 @@ def ssl_context(url: str, options: TlsOptions) -> ssl.SSLContext | None:
         context.check_hostname = False
         log.warning(
             "tls_hostname_not_verified",
-            broker=_where(url),
+            broker=where,
             why=f"{ENV_VERIFY_HOSTNAME}=false: any certificate the CA signed is accepted, whatever host it names",
             fix=f"for test rigs only; remove {ENV_VERIFY_HOSTNAME} (or --no-tls-verify-hostname) elsewhere",
         )

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-NODE_NAME = "qinfer-tls@localhost"
+NODE_PREFIX = "qinfer-tls"
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
 USER = "qinfer-tls-user"
@@ -186,6 +186,8 @@ class TlsBroker:
         self.tcp_port = free_port()
         self.dist_port = free_port()
         self.password = "pw-" + secrets.token_hex(12)
+        # Unique per test run, so concurrent runs (other checkouts) and a node left by a killed run never clash.
+        self.node = f"{NODE_PREFIX}-{os.getpid()}-{secrets.token_hex(3)}@localhost"
         self._process: subprocess.Popen[bytes] | None = None
         self._env = self._environment()
 
@@ -223,7 +225,7 @@ class TlsBroker:
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": str(home),
             "LANG": "C.UTF-8",
-            "RABBITMQ_NODENAME": NODE_NAME,
+            "RABBITMQ_NODENAME": self.node,
             "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
             "RABBITMQ_NODE_PORT": str(self.tcp_port),
             "RABBITMQ_DIST_PORT": str(self.dist_port),
@@ -278,7 +280,7 @@ class TlsBroker:
         """Run ``rabbitmqctl -n <this node> ARGS``."""
         ctl = rabbitmq_bin("rabbitmqctl") or "rabbitmqctl"
         return subprocess.run(
-            [ctl, "-n", NODE_NAME, *args], env=self._env, capture_output=True, text=True, timeout=STOP_TIMEOUT_S
+            [ctl, "-n", self.node, *args], env=self._env, capture_output=True, text=True, timeout=STOP_TIMEOUT_S
         )
 
     def stop(self) -> None:

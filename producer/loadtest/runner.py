@@ -33,7 +33,7 @@ from producer.loadtest.profiles import Profile, send_offsets
 from producer.loadtest.stats import NO_REPLY, OK, PENDING, PUBLISH_FAILED, DepthReading, Sample, timing_entry
 from producer.messages import request_message
 from producer.names import DIRECT_REPLY_TO
-from producer.tls import TlsOptions
+from producer.tls import TlsOptions, https_context
 from producer.tls import connect as tls_connect
 from producer.urls import connect_failure
 
@@ -436,9 +436,19 @@ class LoadRunner:
         vhost = quote(parsed.path[1:] or "/", safe="")
         base = urlparse(base_url)
         auth = aiohttp.BasicAuth(base.username or "guest", base.password or "guest")
-        root = f"{base.scheme}://{base.hostname}:{base.port or 15672}{base.path.rstrip('/')}"
+        port = base.port or (15671 if base.scheme == "https" else 15672)
+        root = f"{base.scheme}://{base.hostname}:{port}{base.path.rstrip('/')}"
         url = f"{root}/api/queues/{vhost}/{quote(self.target.queue, safe='')}"
-        async with aiohttp.ClientSession(auth=auth, timeout=aiohttp.ClientTimeout(total=5)) as session:
+        # Over https, the management API is verified with the same CA (and client certificate) as the broker.
+        where = f"{base.hostname}:{port}"
+        connector = (
+            aiohttp.TCPConnector(ssl=https_context(self.target.tls or TlsOptions(), where=where))
+            if base.scheme == "https"
+            else None
+        )
+        async with aiohttp.ClientSession(
+            auth=auth, timeout=aiohttp.ClientTimeout(total=5), connector=connector
+        ) as session:
             while True:
                 try:
                     async with session.get(url) as response:
