@@ -68,7 +68,7 @@ from producer.bulk_auth import (
     record_pinned_version,
     state_path,
 )
-from producer.errors import ConnectionLostError, InferenceError, ProtocolError, PublishRefusedError
+from producer.errors import BrokerTlsError, ConnectionLostError, InferenceError, ProtocolError, PublishRefusedError
 from producer.jsonl import (
     LINE_KEYED_CODES,
     BadRow,
@@ -97,6 +97,8 @@ from producer.names import (
     version_queue,
 )
 from producer.protocol import ErrorCode, ErrorReply, decode_reply, encode_request
+from producer.tls import TlsOptions
+from producer.tls import connect as tls_connect
 from producer.tracing import start_publish, tracer
 
 __all__ = [
@@ -151,6 +153,7 @@ class BulkOptions:
         version: the version of ``model`` to pin the job to (default: the first reply's version).
         job_id: names the results queue; the same id resumes the job (default: from ``output_path``).
         amqp_url: RabbitMQ URL.
+        tls: for an ``amqps://`` URL: CA bundle, client certificate and key (default: the system's CAs).
         results_ttl_s: the results queue is deleted by the broker after this many seconds unused
             (``x-expires``; default 24 h). Keep it the same across the runs of a job.
         rows_per_message: rows packed into one request (at most the workers' ``--max-batch``).
@@ -168,7 +171,8 @@ class BulkOptions:
     model: str | None = None
     version: str | None = None
     job_id: str | None = None
-    amqp_url: str = DEFAULT_AMQP_URL
+    amqp_url: str = dataclasses.field(default=DEFAULT_AMQP_URL, repr=False)
+    tls: TlsOptions | None = None
     results_ttl_s: float = DEFAULT_RESULTS_TTL_S
     rows_per_message: int = DEFAULT_ROWS_PER_MESSAGE
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
@@ -453,7 +457,11 @@ class BulkJob:
         """A connection named for the management UI: which job, which process, what for."""
         name = f"producer bulk {self.job_id} {role} (pid {os.getpid()} on {socket.gethostname()})"
         try:
-            return await aio_pika.connect(self.options.amqp_url, client_properties={"connection_name": name})
+            return await tls_connect(
+                self.options.amqp_url, self.options.tls, client_properties={"connection_name": name}
+            )
+        except BrokerTlsError as e:
+            raise JobFailedError(str(e)) from e
         except (*aio_pika.exceptions.CONNECTION_EXCEPTIONS, TimeoutError) as e:
             raise JobFailedError(f"cannot connect to the broker: {e}") from e
 

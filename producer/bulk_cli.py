@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from producer import tls
 from producer.bulk import (
     DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_ROWS_PER_MESSAGE,
@@ -31,7 +31,7 @@ from producer.bulk import (
     BulkSummary,
     JobFailedError,
 )
-from producer.errors import InferenceError
+from producer.errors import BrokerTlsError, InferenceError
 from producer.jsonl import parse_datatypes
 from producer.names import (
     CONTENT_TYPE_MSGPACK,
@@ -40,6 +40,7 @@ from producer.names import (
     DEFAULT_QUEUE,
     DEFAULT_RESULTS_TTL_S,
 )
+from producer.urls import broker_url
 
 __all__ = ["add_bulk_parser", "run_bulk"]
 
@@ -90,6 +91,7 @@ def add_bulk_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--job-id", default=None, help="names the job's results queue; the same id resumes (default: from --output)"
     )
     bulk.add_argument("--amqp-url", default=None, help=f"broker URL (env AMQP_URL; default {DEFAULT_AMQP_URL})")
+    tls.add_arguments(bulk)
     bulk.add_argument(
         "--results-ttl-s",
         type=float,
@@ -205,7 +207,8 @@ def run_bulk(args: argparse.Namespace) -> int:
             model=args.model,
             version=args.version,
             job_id=args.job_id,
-            amqp_url=args.amqp_url or os.environ.get("AMQP_URL", DEFAULT_AMQP_URL),
+            amqp_url=broker_url(url=args.amqp_url, url_file=args.amqp_url_file),
+            tls=tls.options_from_args(args),
             results_ttl_s=args.results_ttl_s,
             rows_per_message=args.rows_per_message,
             max_in_flight=args.max_in_flight,
@@ -215,7 +218,7 @@ def run_bulk(args: argparse.Namespace) -> int:
             default_datatype=default_datatype,
             datatypes=datatypes,
         )
-    except ValueError as e:
+    except (ValueError, BrokerTlsError) as e:
         err.print(f"producer bulk: {e}")
         return EXIT_JOB_FAILED
     if not options.input_path.is_file():

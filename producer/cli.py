@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 import uuid
 
 import aio_pika
+import aiormq.exceptions
+import structlog
 
-from producer import tracing
+from producer import tls, tracing
 from producer.bulk_cli import add_bulk_parser, run_bulk
+from producer.errors import BrokerTlsError
 from producer.loadtest_cli import add_loadtest_parser, run_loadtest
 from producer.messages import request_message
 from producer.names import (
@@ -21,6 +25,7 @@ from producer.names import (
     DIRECT_REPLY_TO,
 )
 from producer.route_cli import add_route_parser, run_route
+from producer.urls import broker_url, connect_failure
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         '"shape": [1], "data": ["hello"]}]}\'',
     )
     send.add_argument("--amqp-url", default=None, help=f"broker URL (env AMQP_URL; default {DEFAULT_AMQP_URL})")
+    tls.add_arguments(send)
     send.add_argument("--queue", default=DEFAULT_QUEUE, help="request queue (default %(default)s)")
     send.add_argument("--json", dest="body", default=None, help="request body; read from stdin when omitted")
     send.add_argument(
@@ -46,8 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _send(url: str, queue: str, body: bytes, content_type: str, timeout_s: float) -> bytes:
-    connection = await aio_pika.connect(url)
+async def _send(
+    url: str, options: tls.TlsOptions, queue: str, body: bytes, content_type: str, timeout_s: float
+) -> bytes:
+    connection = await tls.connect(url, options, timeout=timeout_s)
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         replies: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
@@ -69,8 +77,18 @@ async def _send(url: str, queue: str, body: bytes, content_type: str, timeout_s:
         return reply.body
 
 
+def _stderr_logger(*_args: object) -> structlog.PrintLogger:
+    """A logger writing to whatever ``sys.stderr`` is when it logs (not when logging was configured)."""
+    return structlog.PrintLogger(sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not structlog.is_configured():
+        # Replies and reports go to stdout; the few log events (warnings) go to stderr.
+        structlog.configure(
+            wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING), logger_factory=_stderr_logger
+        )
     try:
         provider = tracing.configure_from_env("qinfer-producer")
     except tracing.ConfigError as e:
@@ -83,8 +101,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import os
-
     if args.command == "load-test":
         return run_loadtest(args)
     if args.command == "bulk":
@@ -92,10 +108,21 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "route":
         return run_route(args)
     if args.command == "send":
-        url = args.amqp_url or os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
+        try:
+            url = broker_url(url=args.amqp_url, url_file=args.amqp_url_file)
+            options = tls.options_from_args(args)
+        except (ValueError, BrokerTlsError) as e:
+            print(f"producer: {e}", file=sys.stderr)
+            return 2
         body = (args.body if args.body is not None else sys.stdin.read()).encode()
         try:
-            reply = asyncio.run(_send(url, args.queue, body, args.content_type, args.timeout_s))
+            reply = asyncio.run(_send(url, options, args.queue, body, args.content_type, args.timeout_s))
+        except BrokerTlsError as e:
+            print(f"producer: {e}", file=sys.stderr)
+            return 1
+        except (ConnectionError, OSError, aiormq.exceptions.AMQPConnectionError) as e:
+            print(f"producer: {connect_failure(url, e)}", file=sys.stderr)
+            return 1
         except TimeoutError:
             print(
                 f"producer: no reply within {args.timeout_s:g} s; is a worker consuming {args.queue!r}?",

@@ -64,6 +64,8 @@ from producer.names import (
     version_queue,
 )
 from producer.protocol import ErrorCode, ErrorReply, InferReply, as_tensor, decode_reply, encode_request
+from producer.tls import TlsOptions
+from producer.tls import connect as tls_connect
 from producer.tracing import RoundTrips
 from producer.urls import connect_failure
 
@@ -131,6 +133,8 @@ class Client:
             never packed with others, so its own id picks the version (a retry lands where the first
             try did while the weights stay the same).
         version: pin every call to this version of ``model`` (each :meth:`infer` may pin its own).
+        tls: for an ``amqps://`` URL: CA bundle, client certificate and key, host name check (default: the
+            system's CAs, host name verified; :meth:`producer.tls.TlsOptions.from_env` reads ``AMQP_CA_FILE``...).
 
     Use as ``async with Client(...) as client`` or call :meth:`connect` and :meth:`close`. When the
     connection drops, calls awaiting a reply raise :class:`~producer.errors.ConnectionLostError`;
@@ -149,6 +153,7 @@ class Client:
         tracer_provider: TracerProvider | None = None,
         model: str | None = None,
         version: str | None = None,
+        tls: TlsOptions | None = None,
     ) -> None:
         if model is not None:
             check_route_name("model name", model)
@@ -167,6 +172,7 @@ class Client:
         self.timeout_s = timeout_s
         self.content_type = content_type
         self.connect_timeout_s = connect_timeout_s
+        self.tls = tls
         self._connection: aio_pika.abc.AbstractConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._pending: dict[str, asyncio.Future[InferReply | ErrorReply]] = {}
@@ -206,7 +212,7 @@ class Client:
                 return
             await self._close_connection()
             try:
-                connection = await aio_pika.connect(self.amqp_url, timeout=self.connect_timeout_s)
+                connection = await tls_connect(self.amqp_url, self.tls, timeout=self.connect_timeout_s)
             except (*aio_pika.exceptions.CONNECTION_EXCEPTIONS, TimeoutError) as e:
                 raise ConnectionLostError(connect_failure(self.amqp_url, e)) from e
             try:

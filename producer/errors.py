@@ -86,3 +86,7 @@ class PublishRefusedError(InferenceError):
 
 class ConnectionLostError(InferenceError, ConnectionError):
     """Raised when the broker connection dropped while a request awaited its reply."""
+
+
+class BrokerTlsError(InferenceError):
+    """Raised when TLS to the broker cannot work (unusable certificate files, or a refused handshake); not retried."""

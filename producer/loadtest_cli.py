@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shlex
 import sys
 from pathlib import Path
 
+from producer import tls
+from producer.errors import BrokerTlsError
 from producer.loadtest.payloads import PayloadSpec, build_bodies
 from producer.loadtest.profiles import MODES, LoadTestConfigError, Profile
 from producer.loadtest.runner import LoadRunner, LoadTestError, Target
 from producer.loadtest.stats import summarize
 from producer.names import CONTENT_TYPE_MSGPACK, CONTENT_TYPES, DEFAULT_AMQP_URL, DEFAULT_QUEUE
-from producer.urls import redact_url
+from producer.urls import broker_url, redact_argv, redact_url
 
 _DEFAULTS = Profile()
 
@@ -42,6 +43,7 @@ def add_loadtest_parser(subparsers: argparse._SubParsersAction[argparse.Argument
     )
     target = p.add_argument_group("target")
     target.add_argument("--amqp-url", default=None, help=f"broker URL (default: env AMQP_URL or {DEFAULT_AMQP_URL})")
+    tls.add_arguments(target)
     target.add_argument("--queue", default=DEFAULT_QUEUE, help="request queue (must exist: a worker declares it)")
     target.add_argument("--purge", action="store_true", help="empty the queue before starting")
     target.add_argument("--wait-consumers", type=int, default=0, help="wait until the queue has this many consumers")
@@ -96,7 +98,12 @@ def run_loadtest(args: argparse.Namespace) -> int:
     from producer.loadtest.progress import LiveView
     from producer.loadtest.report import ReportContext, default_folder, write_report
 
-    url = args.amqp_url or os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
+    try:
+        url = broker_url(url=args.amqp_url, url_file=args.amqp_url_file)
+        options = tls.options_from_args(args)
+    except (ValueError, BrokerTlsError) as e:
+        print(f"producer load-test: {e}", file=sys.stderr)
+        return 2
     try:
         profile = Profile(
             mode=args.mode,
@@ -129,6 +136,7 @@ def run_loadtest(args: argparse.Namespace) -> int:
         return 2
     target = Target(
         amqp_url=url,
+        tls=options,
         queue=args.queue,
         timeout_s=args.timeout_s,
         drain_timeout_s=args.drain_timeout_s,
@@ -169,7 +177,7 @@ def run_loadtest(args: argparse.Namespace) -> int:
         amqp_url=redact_url(url),
         depth_source="management API" if args.management_url else "passive queue declare",
         label=args.label,
-        command="producer " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["load-test"] else "",
+        command="producer " + shlex.join(redact_argv(sys.argv[1:])) if sys.argv[1:2] == ["load-test"] else "",
     )
     paths = write_report(folder, summary=summary, result=result, profile=profile, payload=spec, context=context)
     lat = summary.latency

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from typing import Any
 
+from producer import tls
 from producer.errors import InferenceError
 from producer.names import DEFAULT_AMQP_URL, model_exchange, version_queue
 from producer.routes import drain_version, shares, show_route
+from producer.urls import broker_url
 
 __all__ = ["add_route_parser", "run_route"]
 
@@ -45,6 +46,7 @@ def add_route_parser(subparsers: Any) -> argparse.ArgumentParser:
     drain.add_argument("--keep-queue", action="store_true", help="leave the emptied queue in place")
     for parser in (show, drain):
         parser.add_argument("--amqp-url", default=None, help=f"broker URL (env AMQP_URL; default {DEFAULT_AMQP_URL})")
+        tls.add_arguments(parser)
     show.add_argument(
         "--management-url",
         default=None,
@@ -53,8 +55,8 @@ def add_route_parser(subparsers: Any) -> argparse.ArgumentParser:
     return route
 
 
-async def _show(amqp_url: str, model: str, management_url: str | None) -> int:
-    states = await show_route(amqp_url, model, management_url=management_url)
+async def _show(amqp_url: str, model: str, management_url: str | None, options: tls.TlsOptions) -> int:
+    states = await show_route(amqp_url, model, management_url=management_url, tls_options=options)
     share = shares(states)
     print(f"model {model}: route {model_exchange(model)}")
     print(f"{'version':<12} {'weight':>6} {'share':>7} {'ready':>8} {'consumers':>9}  queue")
@@ -78,11 +80,14 @@ async def _show(amqp_url: str, model: str, management_url: str | None) -> int:
 
 def run_route(args: argparse.Namespace) -> int:
     """Run ``producer route`` with parsed arguments; returns the exit status."""
-    url = args.amqp_url or os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
     try:
+        url = broker_url(url=args.amqp_url, url_file=args.amqp_url_file)
+        options = tls.options_from_args(args)
         if args.route_action == "show":
-            return asyncio.run(_show(url, args.model, args.management_url))
-        moved = asyncio.run(drain_version(url, args.model, args.version, delete=not args.keep_queue))
+            return asyncio.run(_show(url, args.model, args.management_url, options))
+        moved = asyncio.run(
+            drain_version(url, args.model, args.version, delete=not args.keep_queue, tls_options=options)
+        )
     except (InferenceError, ValueError) as e:
         print(f"producer route: {e}", file=sys.stderr)
         return 1

@@ -43,6 +43,8 @@ from producer.names import (
     version_of_queue,
     version_queue,
 )
+from producer.tls import TlsOptions
+from producer.tls import connect as tls_connect
 
 __all__ = [
     "RouteError",
@@ -190,7 +192,12 @@ def _get_json(management_url: str, path: str, timeout_s: float) -> Any:
 
 
 async def show_route(
-    amqp_url: str, model: str, *, management_url: str | None = None, timeout_s: float = 10.0
+    amqp_url: str,
+    model: str,
+    *,
+    management_url: str | None = None,
+    timeout_s: float = 10.0,
+    tls_options: TlsOptions | None = None,
 ) -> list[VersionState]:
     """The versions of ``model``'s route, sorted by version name.
 
@@ -228,7 +235,7 @@ async def show_route(
     )
     versions = {v for q in queues or [] if (v := version_of_queue(model, str(q.get("name", "")))) is not None}
     states: list[VersionState] = []
-    connection = await aio_pika.connect(amqp_url)
+    connection = await tls_connect(amqp_url, tls_options)
     async with connection:
         for version in sorted(versions | set(weights)):
             channel = await connection.channel()
@@ -249,7 +256,15 @@ async def show_route(
     return states
 
 
-async def drain_version(amqp_url: str, model: str, version: str, *, delete: bool = True, idle_s: float = 1.0) -> int:
+async def drain_version(
+    amqp_url: str,
+    model: str,
+    version: str,
+    *,
+    delete: bool = True,
+    idle_s: float = 1.0,
+    tls_options: TlsOptions | None = None,
+) -> int:
     """Take ``version`` off ``model``'s route and move the requests its queue holds onto the route.
 
     For a version whose workers are gone (its release was uninstalled) while its queue still holds
@@ -275,7 +290,7 @@ async def drain_version(amqp_url: str, model: str, version: str, *, delete: bool
             version's queue does not exist.
     """
     exchange_name, queue_name = model_exchange(model), version_queue(model, version)
-    connection = await aio_pika.connect(amqp_url)
+    connection = await tls_connect(amqp_url, tls_options)
     moved = 0
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)

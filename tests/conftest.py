@@ -10,12 +10,16 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import aio_pika
 import pytest
 
 from producer.names import dead_letter_queue
+
+if TYPE_CHECKING:
+    from tests.tls_broker import TlsBroker
 
 
 def _answers(url: str) -> bool:
@@ -105,3 +109,22 @@ async def cleanup_queues(connection: aio_pika.abc.AbstractConnection) -> AsyncIt
             await channel.queue_delete(name, if_unused=False, if_empty=False)
         except Exception:
             channel = await connection.channel()
+
+
+@pytest.fixture(scope="session")
+def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
+    """A second, TLS-only RabbitMQ node requiring client certificates, with its certificates (see tests/tls_broker.py).
+
+    Skips when ``rabbitmq-server`` is not installed, except under ``CI=true``, where that fails.
+    """
+    from tests.tls_broker import TlsBroker, make_pki, rabbitmq_bin
+
+    if rabbitmq_bin("rabbitmq-server") is None:
+        reason = "no rabbitmq-server here: the TLS tests start a node of their own (apt-get install rabbitmq-server)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    folder = tmp_path_factory.mktemp("tls-broker")
+    broker = TlsBroker(folder / "node", make_pki(folder / "pki"))
+    with broker:
+        yield broker

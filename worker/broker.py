@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import aio_pika
 import aiormq.exceptions
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue, AbstractRobustConnection
@@ -14,6 +13,8 @@ from tenacity import (
     wait_exponential,
 )
 
+from producer import tls
+from producer.errors import BrokerTlsError
 from producer.names import dead_letter_queue, request_queue_arguments
 from producer.routes import RouteError, declare_route, set_weight
 from producer.urls import connect_failure
@@ -26,18 +27,23 @@ log = structlog.get_logger("worker")
 _REJECTED = (aiormq.exceptions.ProbableAuthenticationError, aiormq.exceptions.AuthenticationError)
 
 
-async def connect(url: str, *, timeout_s: float, name: str) -> AbstractRobustConnection:
+async def connect(
+    url: str, *, timeout_s: float, name: str, tls_options: tls.TlsOptions | None = None
+) -> AbstractRobustConnection:
     """A robust connection, retried with backoff for up to ``timeout_s`` at start.
+
+    ``tls_options`` apply to an ``amqps://`` URL (default: the system's CAs, host name verified).
 
     Raises:
         BrokerAuthenticationError: at once, when the broker rejects the credentials.
+        BrokerTlsError: at once, when the TLS files cannot be used or the handshake fails.
         BrokerUnavailableError: when the broker did not answer in time.
     """
     retrying = AsyncRetrying(
         stop=stop_after_delay(timeout_s),
         wait=wait_exponential(multiplier=0.25, max=5),
         retry=retry_if_exception_type((ConnectionError, OSError, aiormq.exceptions.AMQPConnectionError))
-        & retry_if_not_exception_type(_REJECTED),
+        & retry_if_not_exception_type((*_REJECTED, BrokerTlsError)),
         reraise=True,
         before_sleep=lambda state: log.warning(
             "broker_unreachable",
@@ -48,7 +54,7 @@ async def connect(url: str, *, timeout_s: float, name: str) -> AbstractRobustCon
     try:
         async for attempt in retrying:
             with attempt:
-                return await aio_pika.connect_robust(url, client_properties={"connection_name": name})
+                return await tls.connect_robust(url, tls_options, client_properties={"connection_name": name})
     except _REJECTED as e:
         raise BrokerAuthenticationError(connect_failure(url, e)) from e
     except (ConnectionError, OSError, aiormq.exceptions.AMQPConnectionError) as e:
@@ -84,8 +90,9 @@ async def declare_request_queue(channel: AbstractChannel, settings: Settings) ->
 async def _route_connection(settings: Settings) -> AbstractConnection:
     # Its own short, plain connection: a broker without the exchange type closes the whole connection,
     # which a robust connection would try to restore.
-    return await aio_pika.connect(
+    return await tls.connect(
         settings.amqp_url,
+        settings.tls,
         timeout=settings.connect_timeout_s,
         client_properties={"connection_name": "qinfer-worker-route"},
     )

@@ -30,6 +30,8 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 from opentelemetry.trace import TracerProvider
 
+from producer.tls import is_tls_url
+from producer.urls import redact_url
 from worker.acks import Outcome
 from worker.broker import connect, declare_request_queue
 from worker.health import HealthState, start_http_server
@@ -90,7 +92,7 @@ class Worker:
         self._tasks = TaskSet()
         self._tracing = WorkerTracing(settings.queue, tracer_provider)
         self._runner = ModelRunner()
-        self._replier = Replier(settings.amqp_url, connect_timeout_s=settings.connect_timeout_s)
+        self._replier = Replier(settings.amqp_url, connect_timeout_s=settings.connect_timeout_s, tls=settings.tls)
         self._settler = Settler(self.metrics, on_hold=self._on_hold, on_release=self._on_release)
         self._parts: _Parts | None = None
         self._consume_conn: AbstractRobustConnection | None = None
@@ -200,7 +202,9 @@ class Worker:
         self.metrics.model.info(
             {"name": pipeline.name, "version": pipeline.version, "providers": ",".join(pipeline.providers)}
         )
-        self._consume_conn = await connect(s.amqp_url, timeout_s=s.connect_timeout_s, name="qinfer-worker-consume")
+        self._consume_conn = await connect(
+            s.amqp_url, timeout_s=s.connect_timeout_s, name="qinfer-worker-consume", tls_options=s.tls
+        )
         await self._replier.open()
         self._consume_conn.close_callbacks.add(self._on_connection_lost)
         self._consume_conn.reconnect_callbacks.add(self._on_reconnected)
@@ -220,6 +224,8 @@ class Worker:
             providers=pipeline.providers,
             inputs=[spec.describe() for spec in pipeline.inputs.values()],
             outputs=[spec.describe() for spec in pipeline.outputs.values()],
+            broker=redact_url(s.amqp_url),
+            tls=("mutual" if s.cert_file else "on") if is_tls_url(s.amqp_url) else "off",
             queue=s.queue,
             queue_type=s.queue_type,
             max_batch_rows=s.max_batch,

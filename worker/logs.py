@@ -59,3 +59,14 @@ def configure_logging(*, log_format: str = "auto", level: str = "info") -> None:
     # aio-pika/aiormq log every reconnect attempt and returned message; their summaries are ours.
     for noisy in ("aio_pika", "aiormq"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    transport = logging.getLogger("aiormq.connection")
+    if not any(isinstance(f, _TransportErrorFilter) for f in transport.filters):
+        transport.addFilter(_TransportErrorFilter())
+
+
+class _TransportErrorFilter(logging.Filter):
+    """Drops aiormq's line for a connection that could not be opened: the worker says why in its own words
+    (``broker_unreachable``, ``worker_failed``), once, where aiormq would add one error line per attempt."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("error when creating transport")

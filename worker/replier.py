@@ -26,12 +26,13 @@ import enum
 from collections import OrderedDict
 from typing import Any
 
-import aio_pika
 import aiormq
 import aiormq.exceptions
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractRobustConnection, DeliveryMode
 
+from producer.tls import TlsOptions
+from producer.tls import connect as tls_connect
 from worker.broker import connect
 from worker.reply_to import ReplyTo, ReplyToKind
 
@@ -65,10 +66,12 @@ class Replier:
     Args:
         amqp_url: the broker URL.
         connect_timeout_s: how long to retry the broker when the publish connection is opened.
+        tls: TLS options for an ``amqps://`` URL (default: the system's CAs, host name verified).
     """
 
-    def __init__(self, amqp_url: str, *, connect_timeout_s: float) -> None:
+    def __init__(self, amqp_url: str, *, connect_timeout_s: float, tls: TlsOptions | None = None) -> None:
         self._url = amqp_url
+        self._tls = tls
         self._connect_timeout_s = connect_timeout_s
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
@@ -81,7 +84,9 @@ class Replier:
 
     async def open(self) -> None:
         """Open the publish connection (retried for up to ``connect_timeout_s``)."""
-        self._connection = await connect(self._url, timeout_s=self._connect_timeout_s, name="qinfer-worker-publish")
+        self._connection = await connect(
+            self._url, timeout_s=self._connect_timeout_s, name="qinfer-worker-publish", tls_options=self._tls
+        )
         self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
 
     async def close(self) -> None:
@@ -201,8 +206,9 @@ class Replier:
         async with self._probation_lock:
             try:
                 if self._probation is None or self._probation.is_closed:
-                    self._probation = await aio_pika.connect(
+                    self._probation = await tls_connect(
                         self._url,
+                        self._tls,
                         timeout=self._connect_timeout_s or None,
                         client_properties={"connection_name": "qinfer-worker-probation"},
                     )

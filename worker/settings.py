@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from producer.errors import BrokerTlsError
 from producer.names import (
     DEFAULT_AMQP_URL,
     DEFAULT_DELIVERY_LIMIT,
@@ -24,6 +25,8 @@ from producer.names import (
     check_route_name,
     version_queue,
 )
+from producer.tls import TlsOptions, is_tls_url
+from producer.urls import read_url_file
 
 Device = Literal["auto", "cpu", "cuda"]
 LogFormat = Literal["auto", "json", "console"]
@@ -40,7 +43,12 @@ class SettingsError(ValueError):
 class Settings:
     """Validated worker settings. Build with :meth:`from_env` or :func:`parse_args`."""
 
-    amqp_url: str = DEFAULT_AMQP_URL
+    amqp_url: str = dataclasses.field(default=DEFAULT_AMQP_URL, repr=False)
+    amqp_url_file: Path | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    tls_verify_hostname: bool = True
     model: Path = Path(DEFAULT_MODEL_PATH)
     model_name: str = ""
     model_version: str = "1"
@@ -78,6 +86,7 @@ class Settings:
             spec.check(getattr(self, spec.field))
         if self.prefetch < 1:
             raise SettingsError("WORKER_PREFETCH (--prefetch) must be at least 1")
+        self._check_broker()
         try:
             re.compile(self.reply_to_pattern)
         except re.error as e:
@@ -106,6 +115,40 @@ class Settings:
     def routed(self) -> bool:
         """True when the worker serves a version of a model's route (``traffic_weight`` is set)."""
         return self.traffic_weight is not None
+
+    def _check_broker(self) -> None:
+        """Read ``amqp_url_file`` into ``amqp_url``; check the TLS files exist and fit the URL."""
+        if self.amqp_url_file is not None:
+            try:
+                from_file = read_url_file(self.amqp_url_file)
+            except ValueError as e:
+                raise SettingsError(str(e)) from None
+            if self.amqp_url not in (DEFAULT_AMQP_URL, from_file):  # a copy (dataclasses.replace) holds both
+                raise SettingsError("AMQP_URL (--amqp-url) and AMQP_URL_FILE (--amqp-url-file) are both set; set one")
+            object.__setattr__(self, "amqp_url", from_file)
+        for spec in SETTINGS:
+            if spec.field in _TLS_FILE_FIELDS:
+                path = getattr(self, spec.field)
+                if path is not None and not path.is_file():
+                    raise SettingsError(f"{spec.env} ({spec.flag}) is {path}, which is not a readable file")
+        if not is_tls_url(self.amqp_url) and self.tls.configured:
+            raise SettingsError(
+                "AMQP_CA_FILE, AMQP_CERT_FILE, AMQP_KEY_FILE or AMQP_TLS_VERIFY_HOSTNAME is set, but the broker URL "
+                "is amqp:// (no TLS): use an amqps:// URL and the broker's TLS port (5671 by default)"
+            )
+
+    @property
+    def tls(self) -> TlsOptions:
+        """How to connect over TLS when the URL is ``amqps://``."""
+        try:
+            return TlsOptions(
+                ca_file=self.ca_file,
+                cert_file=self.cert_file,
+                key_file=self.key_file,
+                verify_hostname=self.tls_verify_hostname,
+            )
+        except BrokerTlsError as e:
+            raise SettingsError(str(e)) from None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -186,6 +229,10 @@ def _optional_int(env: str) -> Callable[[str], int | None]:
     return parse
 
 
+def _path(text: str) -> Path | None:
+    return Path(text) if text.strip() else None
+
+
 def _number(kind: Callable[[str], Any], env: str) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
@@ -196,8 +243,40 @@ def _number(kind: Callable[[str], Any], env: str) -> Callable[[str], Any]:
     return parse
 
 
+_TLS_FILE_FIELDS = frozenset({"ca_file", "cert_file", "key_file"})
+
 SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("amqp_url", "AMQP_URL", "--amqp-url", "RabbitMQ URL, credentials included"),
+    SettingSpec(
+        "amqp_url_file",
+        "AMQP_URL_FILE",
+        "--amqp-url-file",
+        "file holding the RabbitMQ URL, credentials included (e.g. a mounted Secret); instead of AMQP_URL",
+        _path,
+    ),
+    SettingSpec(
+        "ca_file",
+        "AMQP_CA_FILE",
+        "--ca-file",
+        "amqps:// only: PEM bundle of the CAs that may sign the broker's certificate (default: the system's)",
+        _path,
+    ),
+    SettingSpec(
+        "cert_file",
+        "AMQP_CERT_FILE",
+        "--cert-file",
+        "amqps:// only: PEM client certificate, for brokers that require one (mutual TLS)",
+        _path,
+    ),
+    SettingSpec("key_file", "AMQP_KEY_FILE", "--key-file", "amqps:// only: PEM private key of AMQP_CERT_FILE", _path),
+    SettingSpec(
+        "tls_verify_hostname",
+        "AMQP_TLS_VERIFY_HOSTNAME",
+        "--tls-verify-hostname",
+        "amqps:// only: check the broker's host name against its certificate; false is for test rigs only "
+        "(logged as a warning)",
+        _bool,
+    ),
     SettingSpec("model", "WORKER_MODEL", "--model", "ONNX model file, or a model folder with a manifest", Path),
     SettingSpec("model_name", "WORKER_MODEL_NAME", "--model-name", "model name in replies (default: the file name)"),
     SettingSpec("model_version", "WORKER_MODEL_VERSION", "--model-version", "model version in replies"),

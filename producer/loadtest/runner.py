@@ -29,12 +29,14 @@ import aiormq.exceptions
 import msgspec
 
 from producer.coalesce import Coalescer, pack_rows
-from producer.errors import InferenceError
+from producer.errors import BrokerTlsError, InferenceError
 from producer.loadtest.profiles import Profile, send_offsets
 from producer.loadtest.stats import NO_REPLY, OK, PENDING, PUBLISH_FAILED, DepthReading, Sample, timing_entry
 from producer.messages import request_message
 from producer.names import DIRECT_REPLY_TO
 from producer.protocol import decode_request, encode_request
+from producer.tls import TlsOptions, https_context
+from producer.tls import connect as tls_connect
 from producer.tracing import RoundTrips
 from producer.urls import connect_failure
 
@@ -93,6 +95,7 @@ class Target:
 
     Args:
         amqp_url: the broker.
+        tls: for an ``amqps://`` URL: CA bundle, client certificate and key (default: the system's CAs).
         queue: the request queue (it must exist; a worker declares it).
         timeout_s: per-request deadline (``expiration`` and ``x-deadline-ms``); 0 for none.
         drain_timeout_s: after sending stops, how long to wait for the outstanding replies.
@@ -104,11 +107,12 @@ class Target:
         purge: empty the queue before starting (leftovers of an earlier run would distort this one).
     """
 
-    amqp_url: str
+    amqp_url: str = dataclasses.field(repr=False)
     queue: str
+    tls: TlsOptions | None = None
     timeout_s: float = 30.0
     drain_timeout_s: float = 30.0
-    management_url: str | None = None
+    management_url: str | None = dataclasses.field(default=None, repr=False)
     depth_interval_s: float = 0.25
     wait_consumers: int = 0
     wait_timeout_s: float = 120.0
@@ -194,7 +198,9 @@ class LoadRunner:
         """
         t = self.target
         try:
-            connection = await aio_pika.connect(t.amqp_url, client_properties={"connection_name": "qinfer-loadtest"})
+            connection = await tls_connect(t.amqp_url, t.tls, client_properties={"connection_name": "qinfer-loadtest"})
+        except BrokerTlsError as e:
+            raise LoadTestError(str(e)) from e
         except (ConnectionError, OSError, aiormq.exceptions.AMQPConnectionError) as e:
             raise LoadTestError(connect_failure(t.amqp_url, e)) from e
         loop = asyncio.get_running_loop()
@@ -475,8 +481,8 @@ class LoadRunner:
             return
         # Its own connection: on the publishing one, these frames would queue behind the publishes (and
         # behind the broker's flow control), so readings would stall exactly during a burst.
-        depth_connection = await aio_pika.connect(
-            t.amqp_url, client_properties={"connection_name": "qinfer-loadtest-depth"}
+        depth_connection = await tls_connect(
+            t.amqp_url, t.tls, client_properties={"connection_name": "qinfer-loadtest-depth"}
         )
         channel = await depth_connection.channel()
         try:
@@ -496,9 +502,19 @@ class LoadRunner:
         vhost = quote(parsed.path[1:] or "/", safe="")
         base = urlparse(base_url)
         auth = aiohttp.BasicAuth(base.username or "guest", base.password or "guest")
-        root = f"{base.scheme}://{base.hostname}:{base.port or 15672}{base.path.rstrip('/')}"
+        port = base.port or (15671 if base.scheme == "https" else 15672)
+        root = f"{base.scheme}://{base.hostname}:{port}{base.path.rstrip('/')}"
         url = f"{root}/api/queues/{vhost}/{quote(self.target.queue, safe='')}"
-        async with aiohttp.ClientSession(auth=auth, timeout=aiohttp.ClientTimeout(total=5)) as session:
+        # Over https, the management API is verified with the same CA (and client certificate) as the broker.
+        where = f"{base.hostname}:{port}"
+        connector = (
+            aiohttp.TCPConnector(ssl=https_context(self.target.tls or TlsOptions(), where=where))
+            if base.scheme == "https"
+            else None
+        )
+        async with aiohttp.ClientSession(
+            auth=auth, timeout=aiohttp.ClientTimeout(total=5), connector=connector
+        ) as session:
             while True:
                 try:
                     async with session.get(url) as response:

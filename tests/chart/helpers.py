@@ -33,6 +33,16 @@ INSTALL_TIME_CREDENTIALS: dict[str, Any] = {
     }
 }
 
+# The same, for a broker that speaks TLS (broker.tls.enabled).
+INSTALL_TIME_TLS_CREDENTIALS: dict[str, Any] = {
+    "broker": {
+        "auth": {
+            **INSTALL_TIME_CREDENTIALS["broker"]["auth"],
+            "amqpUrl": "amqps://qinfer-worker:install-time-secret@rabbitmq.rabbitmq.svc:5671/",
+        }
+    }
+}
+
 KEDA_GROUP = "keda.sh"
 PROMETHEUS_OPERATOR_GROUP = "monitoring.coreos.com"
 
@@ -57,6 +67,8 @@ class Scenario:
         merged = Helm.load_chart().merge_values(values)
         if merged["broker"]["existingSecret"]:
             return values
+        if merged["broker"]["tls"]["enabled"]:
+            return deep_merge(values, INSTALL_TIME_TLS_CREDENTIALS)
         return deep_merge(values, INSTALL_TIME_CREDENTIALS)
 
 
@@ -142,6 +154,27 @@ class Rendered:
                 ref = entry["valueFrom"]["secretKeyRef"]
                 env[entry["name"]] = f"secret:{ref['name']}/{ref['key']}"
         return env
+
+    def secret_files(self) -> dict[str, str]:
+        """The worker's ``*_FILE`` settings, each resolved to the Secret key mounted there: ``secret:<name>/<key>``.
+
+        Fails when such a file is not on a read-only Secret volume.
+        """
+        deployment = self.one("Deployment")
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"].get("volumes", [])}
+        mounts = worker_container(deployment).get("volumeMounts", [])
+        files: dict[str, str] = {}
+        for name, value in self.worker_env().items():
+            if not name.endswith("_FILE"):
+                continue
+            (mount,) = (m for m in mounts if value.startswith(m["mountPath"].rstrip("/") + "/"))
+            assert mount.get("readOnly") is True, f"{name}: {mount['mountPath']} is not mounted read-only"
+            secret = volumes[mount["name"]].get("secret")
+            assert secret is not None, f"{name}: {mount['mountPath']} is not a Secret"
+            path = value.removeprefix(mount["mountPath"].rstrip("/") + "/")
+            (key,) = (item["key"] for item in secret["items"] if item["path"] == path)
+            files[name] = f"secret:{secret['secretName']}/{key}"
+        return files
 
 
 def api_group(doc: dict[str, Any]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import tomllib
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -27,9 +28,18 @@ from worker.settings import ENV_VARS, SETTINGS, Settings
 
 # Worker settings a Deployment does not set through the ConfigMap, and why.
 NOT_IN_CONFIGMAP = {
-    "AMQP_URL": "holds credentials: it comes from the Secret",
+    "AMQP_URL": "holds credentials: the worker reads it from the Secret, mounted as a file (AMQP_URL_FILE)",
     "WORKER_EXIT_WHEN_IDLE": "for batch runs and tests: a Deployment's worker must not exit when the queue drains",
+    "AMQP_TLS_VERIFY_HOSTNAME": "for test rigs only: a Deployment always checks the broker's host name",
 }
+# Worker settings the chart sets to files of a read-only Secret mount, not from a worker.* key.
+MOUNTED_FILES = {
+    "AMQP_URL_FILE": "the broker Secret's URL key, always",
+    "AMQP_CA_FILE": "the TLS Secret's CA key, with broker.tls.enabled",
+    "AMQP_CERT_FILE": "the TLS Secret's certificate key, with broker.tls.enabled and a certificate key",
+    "AMQP_KEY_FILE": "the TLS Secret's private key, with broker.tls.enabled and a certificate key",
+}
+NO_WORKER_KEY = NOT_IN_CONFIGMAP | MOUNTED_FILES
 # Worker settings whose chart key is not worker.<camelCase field>.
 CHART_KEYS = {"model": ("model", "path")}
 # Where the chart's default deliberately differs from the worker's, and why.
@@ -61,20 +71,30 @@ def chart_defaults() -> dict[str, Any]:
 
 @pytest.mark.parametrize("scenario", scenario_params())
 def test_every_variable_the_deployment_sets_is_a_worker_setting(scenario: Scenario) -> None:
-    env = {k: v for k, v in render(scenario.values()).worker_env().items() if not k.startswith("OTEL_")}
+    rendered = render(scenario.values())
+    env = {k: v for k, v in rendered.worker_env().items() if not k.startswith("OTEL_")}
     assert set(env) <= ENV_VARS, f"not worker settings: {sorted(set(env) - ENV_VARS)}"
-    assert set(env) == ENV_VARS - {"WORKER_EXIT_WHEN_IDLE"}
-    assert env["AMQP_URL"].startswith("secret:"), "AMQP_URL holds credentials: it must come from a Secret"
+    assert set(env) >= ENV_VARS - set(NO_WORKER_KEY) | {"AMQP_URL_FILE"}
+    assert not set(env) & set(NOT_IN_CONFIGMAP)
+    assert rendered.secret_files()["AMQP_URL_FILE"].startswith("secret:"), "the URL must come from a Secret"
+    container = rendered.one("Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert all("valueFrom" not in entry for entry in container.get("env", [])), "no Secret in an environment variable"
 
 
 @pytest.mark.parametrize("scenario", scenario_params())
-def test_the_worker_accepts_the_settings_the_chart_renders(scenario: Scenario) -> None:
-    env = render(scenario.values()).worker_env()
-    env["AMQP_URL"] = "amqp://user:password@rabbitmq:5672/"
+def test_the_worker_accepts_the_settings_the_chart_renders(scenario: Scenario, tmp_path: Path) -> None:
+    rendered = render(scenario.values())
+    env = rendered.worker_env()
+    tls = "AMQP_CA_FILE" in env
+    for name in MOUNTED_FILES.keys() & env.keys():  # what the mounted Secrets would hold
+        env[name] = str(tmp_path / name)
+        content = "amqps://user:password@rabbitmq:5671/" if tls else "amqp://user:password@rabbitmq:5672/"
+        (tmp_path / name).write_text(content if name == "AMQP_URL_FILE" else "PEM")
     settings = Settings.from_env(env)
+    assert settings.amqp_url.startswith("amqps://" if tls else "amqp://")
     values = Helm.load_chart().merge_values(scenario.values())
     for spec in SETTINGS:
-        if spec.env in NOT_IN_CONFIGMAP or (spec.field == "queue" and settings.routed):
+        if spec.env in NO_WORKER_KEY or (spec.field == "queue" and settings.routed):
             continue  # a routed worker consumes its version's queue (see the trigger test)
         expected = spec.parse(str(dig(values, chart_key(spec.field))))
         assert getattr(settings, spec.field) == expected, spec.env
@@ -129,15 +149,13 @@ def test_a_target_at_or_below_what_one_pod_of_several_processes_holds_is_refused
 
 
 def test_every_worker_setting_has_one_chart_key() -> None:
-    exposed = {
-        camel(spec.field) for spec in SETTINGS if spec.env not in NOT_IN_CONFIGMAP and spec.field not in CHART_KEYS
-    }
+    exposed = {camel(spec.field) for spec in SETTINGS if spec.env not in NO_WORKER_KEY and spec.field not in CHART_KEYS}
     assert set(chart_defaults()["worker"]) == exposed
 
 
 def test_chart_defaults_are_the_worker_defaults_unless_deliberate() -> None:
     for spec in SETTINGS:
-        if spec.env in NOT_IN_CONFIGMAP or spec.field in DELIBERATE_DEFAULTS:
+        if spec.env in NO_WORKER_KEY or spec.field in DELIBERATE_DEFAULTS:
             continue
         chart_value = spec.parse(str(dig(chart_defaults(), chart_key(spec.field))))
         assert chart_value == spec.default, f"{spec.env}: chart {chart_value!r}, worker {spec.default!r}"
@@ -151,7 +169,7 @@ def worker_schema() -> dict[str, Any]:
 def test_schema_ranges_and_choices_are_the_workers() -> None:
     properties = worker_schema()["properties"]["worker"]["properties"]
     for spec in SETTINGS:
-        if spec.env in NOT_IN_CONFIGMAP or spec.field in CHART_KEYS:
+        if spec.env in NO_WORKER_KEY or spec.field in CHART_KEYS:
             continue
         declared = properties[camel(spec.field)]
         if spec.field == "traffic_weight":  # a number in range, or empty for "not set"

@@ -115,13 +115,18 @@ def rabbitmq_trigger_problems(trigger: dict[str, Any], auth_parameters: set[str]
         problems.append("no host: neither in metadata nor in the TriggerAuthentication")
     if ("username" in auth_parameters) != ("password" in auth_parameters):
         problems.append("username and password must come together")
+    if host and urlsplit(host).scheme == "amqps" and "tls" not in auth_parameters:
+        problems.append("an amqps:// host needs the tls parameter (enable) in the TriggerAuthentication")
+    if ("cert" in auth_parameters) != ("key" in auth_parameters):
+        problems.append("cert and key must come together")
     return problems
 
 
 def auth_parameters(rendered: Rendered, trigger: dict[str, Any]) -> set[str]:
     name = trigger["authenticationRef"]["name"]
     (auth,) = (doc for doc in rendered.of_kind("TriggerAuthentication") if doc["metadata"]["name"] == name)
-    return {ref["parameter"] for ref in auth["spec"].get("secretTargetRef", [])}
+    refs = auth["spec"].get("secretTargetRef", []) + auth["spec"].get("configMapTargetRef", [])
+    return {ref["parameter"] for ref in refs}
 
 
 def autoscaling_scenarios() -> list[Any]:
@@ -156,11 +161,10 @@ def test_rabbitmq_triggers_follow_the_scaler_rules(scenario: Scenario) -> None:
 def test_keda_reads_its_credentials_from_the_workers_secret(scenario: Scenario) -> None:
     rendered = render(scenario.values())
     values = Helm.load_chart().merge_values(scenario.values())
-    secret_name = rendered.worker_env()["AMQP_URL"].removeprefix("secret:").split("/")[0]
+    secret_name = rendered.secret_files()["AMQP_URL_FILE"].removeprefix("secret:").split("/")[0]
     auth = rendered.one("TriggerAuthentication")
-    refs = {ref["parameter"]: ref for ref in auth["spec"]["secretTargetRef"]}
+    refs = {ref["parameter"]: ref for ref in auth["spec"]["secretTargetRef"] if ref["name"] == secret_name}
     assert set(refs) == {"username", "password"}
-    assert {ref["name"] for ref in refs.values()} == {secret_name}
     keys = values["broker"]["secretKeys"]
     assert (refs["username"]["key"], refs["password"]["key"]) == (keys["kedaUsername"], keys["kedaPassword"])
     for secret in rendered.of_kind("Secret"):
@@ -212,4 +216,15 @@ def test_the_trigger_rules_reject_what_keda_would_refuse() -> None:
         "value 'many' is not a number",
         "the trigger's host carries credentials",
         "username and password must come together",
+    ]
+
+
+def test_the_trigger_rules_reject_tls_that_keda_would_not_use() -> None:
+    trigger = {
+        "type": "rabbitmq",
+        "metadata": {"host": "amqps://rabbitmq:5671/", "protocol": "amqp", "queueName": "inference", "value": "10"},
+    }
+    assert rabbitmq_trigger_problems(trigger, {"username", "password", "ca", "cert"}) == [
+        "an amqps:// host needs the tls parameter (enable) in the TriggerAuthentication",
+        "cert and key must come together",
     ]

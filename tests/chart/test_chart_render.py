@@ -126,15 +126,15 @@ def test_keda_owns_the_replica_count_when_autoscaling(scenario: Scenario) -> Non
 def test_the_broker_secret_is_the_charts_own_or_the_named_one(scenario: Scenario) -> None:
     values = Helm.load_chart().merge_values(scenario.values())
     rendered = render(scenario.values())
-    env = rendered.worker_env()
+    url_file = rendered.secret_files()["AMQP_URL_FILE"]
     existing = values["broker"]["existingSecret"]
     secrets = rendered.of_kind("Secret")
     if existing:
         assert not secrets
-        assert env["AMQP_URL"] == f"secret:{existing}/{values['broker']['secretKeys']['amqpUrl']}"
+        assert url_file == f"secret:{existing}/{values['broker']['secretKeys']['amqpUrl']}"
     else:
         (secret,) = secrets
-        assert env["AMQP_URL"] == f"secret:{secret['metadata']['name']}/{values['broker']['secretKeys']['amqpUrl']}"
+        assert url_file == f"secret:{secret['metadata']['name']}/{values['broker']['secretKeys']['amqpUrl']}"
         assert values["broker"]["secretKeys"]["amqpUrl"] in secret["data"]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 from producer.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, DIRECT_REPLY_TO, dead_letter_queue
 from producer.protocol import ErrorReply, InferReply, encode_request
 from tests.models import affine_model
+from tests.worker_process import WorkerProcess
 from tests.workers import RpcClient, Sent, decoded, running_worker
 
 pytestmark = pytest.mark.integration
@@ -223,3 +225,169 @@ async def test_a_body_over_the_size_limit_is_refused_before_decoding(
     assert isinstance(reply, ErrorReply)
     assert reply.code == "message_too_large"
     assert "WORKER_MAX_MESSAGE_BYTES" in reply.message
+
+
+# -- a hostile corpus in the same batches as good requests, against a worker process ----------------------------
+
+CORPUS_MAX_MESSAGE_BYTES = 1024 * 1024
+"""The corpus worker's WORKER_MAX_MESSAGE_BYTES: the oversized bodies are twice that."""
+RSS_GROWTH_LIMIT_BYTES = 64 * 1024 * 1024
+"""How much the worker's resident memory may grow over the corpus rounds (allocator noise, not leaks)."""
+CORPUS_ROUNDS = 4
+
+
+def _json(value: object) -> bytes:
+    return json.dumps(value).encode()
+
+
+def _tensor(name: str = "x", datatype: str = "FP32", shape: object = (1, 4), data: object = (0, 1, 2, 3)) -> dict:
+    return {"name": name, "datatype": datatype, "shape": shape, "data": data}
+
+
+def _hostile_corpus() -> dict[str, Sent]:
+    """Bodies and headers a careless or hostile producer may send; each must get an error reply (or, when the
+    request is valid after all, a result), and none may cost the worker its life, its memory or a neighbour."""
+    valid_json = encode_request({"x": np.zeros((1, 4), np.float32)}, CONTENT_TYPE_JSON)
+    valid_msgpack = encode_request({"x": np.zeros((1, 4), np.float32)}, CONTENT_TYPE_MSGPACK)
+    mp = msgspec.msgpack.encode
+    deep = 100_000
+    bodies: dict[str, tuple[bytes, str]] = {
+        "truncated-json": (valid_json[: len(valid_json) // 2], CONTENT_TYPE_JSON),
+        "garbage-json": (b'{"inputs": [{]]}\x00\xff', CONTENT_TYPE_JSON),
+        "empty-body": (b"", CONTENT_TYPE_JSON),
+        "truncated-msgpack": (valid_msgpack[: len(valid_msgpack) - 7], CONTENT_TYPE_MSGPACK),
+        "garbage-msgpack": (b"\xc1" * 64, CONTENT_TYPE_MSGPACK),
+        "huge-shape-json": (_json({"inputs": [_tensor(shape=[1_000_000_000, 4])]}), CONTENT_TYPE_JSON),
+        "huge-shape-msgpack": (
+            mp({"inputs": [_tensor(shape=[2**31, 2**31], data=bytes(16))]}),
+            CONTENT_TYPE_MSGPACK,
+        ),
+        "overflowing-shape": (_json({"inputs": [_tensor(shape=[2**70, 4])]}), CONTENT_TYPE_JSON),
+        "negative-shape": (_json({"inputs": [_tensor(shape=[-1, 4])]}), CONTENT_TYPE_JSON),
+        "shape-of-64-dims": (_json({"inputs": [_tensor(shape=[1] * 64)]}), CONTENT_TYPE_JSON),
+        "nan-literal-json": (valid_json.replace(b"0.0", b"NaN", 1), CONTENT_TYPE_JSON),
+        "non-finite-strings-json": (
+            _json({"inputs": [_tensor(data=["NaN", "Infinity", "-Infinity", 1])]}),
+            CONTENT_TYPE_JSON,
+        ),
+        "non-finite-msgpack": (
+            mp({"inputs": [_tensor(data=np.array([np.nan, np.inf, -np.inf, 1], "<f4").tobytes())]}),
+            CONTENT_TYPE_MSGPACK,
+        ),
+        "non-utf8-json": (_json({"inputs": [_tensor(name="xy")]}).replace(b"xy", b"\xff\xfe"), CONTENT_TYPE_JSON),
+        "non-utf8-bytes-tensor": (
+            mp({"inputs": [_tensor(datatype="BYTES", shape=[1, 4], data=[b"\xff\xfe"] * 4)]}),
+            CONTENT_TYPE_MSGPACK,
+        ),
+        "deep-json": (b'{"inputs": [' + b"[" * deep + b"]" * deep + b"]}", CONTENT_TYPE_JSON),
+        "deep-json-data": (
+            b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": '
+            + b"[" * deep
+            + b"]" * deep
+            + b"}]}",
+            CONTENT_TYPE_JSON,
+        ),
+        "deep-msgpack": (b"\x81\xa6inputs" + b"\x91" * deep + b"\x90", CONTENT_TYPE_MSGPACK),
+        "msgpack-ext-data": (
+            mp({"inputs": [_tensor(data=msgspec.msgpack.Ext(5, bytes(16)))]}),
+            CONTENT_TYPE_MSGPACK,
+        ),
+        "msgpack-timestamp-name": (
+            valid_msgpack.replace(b"\xa1x", b"\xd6\xff" + bytes(4), 1),
+            CONTENT_TYPE_MSGPACK,
+        ),
+        "msgpack-ext-as-body": (b"\xc7\x10\x07" + bytes(16), CONTENT_TYPE_MSGPACK),
+        "data-shorter-than-shape": (mp({"inputs": [_tensor(data=bytes(3))]}), CONTENT_TYPE_MSGPACK),
+        "wrong-types-everywhere": (
+            _json({"inputs": [{"name": 7, "datatype": ["FP32"], "shape": "1x4", "data": {"a": 1}}]}),
+            CONTENT_TYPE_JSON,
+        ),
+        "unknown-content-type": (valid_json, "application/x-pickle"),
+        "oversized-json": (
+            b'{"inputs": [], "id": "' + b"a" * (2 * CORPUS_MAX_MESSAGE_BYTES) + b'"}',
+            CONTENT_TYPE_JSON,
+        ),
+        "oversized-msgpack": (
+            mp({"inputs": [_tensor(data=bytes(2 * CORPUS_MAX_MESSAGE_BYTES))]}),
+            CONTENT_TYPE_MSGPACK,
+        ),
+    }
+    corpus = {
+        name: Sent(body, content_type, correlation_id=f"hostile-{name}")
+        for name, (body, content_type) in bodies.items()
+    }
+    for name, headers in {
+        "header-deadline-text": {"x-deadline-ms": "tomorrow"},
+        "header-deadline-huge": {"x-deadline-ms": 2**63 - 1},
+        "header-deadline-negative": {"x-deadline-ms": -5},
+        "header-published-list": {"x-published-ms": [1, 2, 3]},
+        "header-published-float": {"x-published-ms": -1.5},
+        "header-published-table": {"x-published-ms": {"nested": {"deeper": "x" * 1000}}},
+    }.items():
+        corpus[name] = Sent(valid_msgpack, CONTENT_TYPE_MSGPACK, correlation_id=f"hostile-{name}", headers=headers)
+    return corpus
+
+
+# Requests in the corpus that are valid after all (odd headers are ignored; non-finite values are numbers).
+VALID_IN_CORPUS = {
+    "non-finite-strings-json",
+    "non-finite-msgpack",
+    "header-deadline-text",
+    "header-deadline-huge",
+    "header-published-list",
+    "header-published-float",
+    "header-published-table",
+}
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process, from /proc/<pid>/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+async def test_a_hostile_corpus_in_the_same_batches_as_good_requests_costs_the_worker_neither_life_nor_memory(
+    amqp_url: str, model: Path, rpc: RpcClient, queue: str, connection: aio_pika.abc.AbstractConnection
+) -> None:
+    corpus = _hostile_corpus()
+    extra = ("--max-message-bytes", str(CORPUS_MAX_MESSAGE_BYTES), "--max-batch", "32", "--prefetch", "256")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    async with WorkerProcess(amqp_url, model, queue, *extra, http_port=port, name="hostile-corpus") as worker:
+        assert worker.pid is not None
+        warm = await rpc.call_many(queue, [valid(i) for i in range(200)], timeout_s=60)
+        assert_valid_answers(warm)
+        rss_before = rss_bytes(worker.pid)
+        for round_ in range(CORPUS_ROUNDS):
+            # Good and hostile requests interleaved in one burst, so they share prefetch windows and batches.
+            mixed: list[Sent] = []
+            for i, sent in enumerate(corpus.values()):
+                mixed += [valid(4 * i), sent, valid(4 * i + 1), valid(4 * i + 2), valid(4 * i + 3)]
+            answers = await rpc.call_many(queue, mixed, timeout_s=120)
+            replies = {m.correlation_id: m for m in answers}
+            assert_valid_answers([replies[f"valid-{i}"] for i in range(4 * len(corpus))])
+            for name in corpus:
+                reply = decoded(replies[f"hostile-{name}"])
+                if name in VALID_IN_CORPUS:
+                    assert isinstance(reply, InferReply), (name, reply)
+                else:
+                    assert isinstance(reply, ErrorReply), (name, reply)
+                    assert reply.code != "internal", (name, reply)  # every hostile body has a code of its own
+                    assert len(reply.message) <= 2100, (name, len(reply.message))
+            if round_ == 0:
+                codes = {n: decoded(replies[f"hostile-{n}"]) for n in corpus}
+                print({n: getattr(r, "code", "ok") for n, r in codes.items()})
+        rss_after = rss_bytes(worker.pid)
+        assert worker.returncode is None, "the worker died"
+        assert worker.readyz() == 200
+    growth = rss_after - rss_before
+    mib = 1024 * 1024
+    print(
+        f"worker RSS: {rss_before / mib:.1f} MiB after warm-up, {rss_after / mib:.1f} MiB after {CORPUS_ROUNDS} rounds "
+        f"of {len(corpus)} hostile requests beside {4 * len(corpus)} good ones each (growth {growth / mib:+.1f} MiB)"
+    )
+    assert growth < RSS_GROWTH_LIMIT_BYTES
+    assert await ready_count(connection, queue) == 0

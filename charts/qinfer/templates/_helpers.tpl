@@ -78,11 +78,35 @@ The worker image reference: repository plus digest when set, else plus tag (defa
 {{- end }}
 
 {{/*
+Where the worker reads the broker URL (a file of the broker Secret) and the TLS files (the TLS Secret).
+*/}}
+{{- define "qinfer.brokerMountPath" -}}/etc/qinfer/broker{{- end }}
+{{- define "qinfer.tlsMountPath" -}}/etc/qinfer/tls{{- end }}
+
+{{/*
+Name of the ConfigMap holding KEDA's non-secret TLS parameter (tls: enable).
+*/}}
+{{- define "qinfer.kedaConfigName" -}}
+{{- printf "%s-keda" (include "qinfer.fullname" . | trunc 58 | trimSuffix "-") }}
+{{- end }}
+
+{{/*
 The worker's settings as environment variables, one per worker setting (see worker/settings.py).
-AMQP_URL is not here: it holds credentials and comes from the Secret.
+The URL itself is not here: it holds credentials, so the worker reads it from the broker Secret, mounted
+read-only as a file (AMQP_URL_FILE); the TLS files come from the TLS Secret, mounted the same way.
 */}}
 {{- define "qinfer.workerEnv" -}}
 {{- $w := .Values.worker -}}
+AMQP_URL_FILE: {{ printf "%s/amqp-url" (include "qinfer.brokerMountPath" .) | quote }}
+{{- with .Values.broker.tls }}
+{{- if .enabled }}
+AMQP_CA_FILE: {{ printf "%s/ca.crt" (include "qinfer.tlsMountPath" $) | quote }}
+{{- if .secretKeys.cert }}
+AMQP_CERT_FILE: {{ printf "%s/tls.crt" (include "qinfer.tlsMountPath" $) | quote }}
+AMQP_KEY_FILE: {{ printf "%s/tls.key" (include "qinfer.tlsMountPath" $) | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
 WORKER_MODEL: {{ .Values.model.path | quote }}
 WORKER_MODEL_NAME: {{ $w.modelName | quote }}
 WORKER_MODEL_VERSION: {{ $w.modelVersion | quote }}
@@ -159,6 +183,22 @@ Checks across values that a schema cannot express; each failure names the keys t
 {{- end }}
 {{- if and .Values.model.volume.enabled (not (hasPrefix (printf "%s/" (trimSuffix "/" .Values.model.volume.mountPath)) .Values.model.path)) }}
 {{- fail (printf "model.path (%s) must lie under model.volume.mountPath (%s) when the model comes from a volume" .Values.model.path .Values.model.volume.mountPath) }}
+{{- end }}
+{{- with .Values.broker.tls }}
+{{- if .enabled }}
+{{- if not .secretName }}
+{{- fail "broker.tls.enabled needs broker.tls.secretName: the Secret with the CA bundle (and, for mutual TLS, the client certificate and key)" }}
+{{- end }}
+{{- if and (not $.Values.broker.existingSecret) $.Values.broker.auth.amqpUrl (not (hasPrefix "amqps://" $.Values.broker.auth.amqpUrl)) }}
+{{- fail "broker.tls.enabled but broker.auth.amqpUrl is not an amqps:// URL: the worker would not use TLS. Use amqps:// and the broker's TLS port (5671 by default)" }}
+{{- end }}
+{{- if and .secretKeys.cert (not .secretKeys.key) }}
+{{- fail "broker.tls.secretKeys.cert is set but broker.tls.secretKeys.key is empty: a client certificate needs its key" }}
+{{- end }}
+{{- if and $.Values.autoscaling.enabled (not (regexMatch "^(https|amqps)://" $.Values.autoscaling.host)) }}
+{{- fail (printf "broker.tls.enabled but autoscaling.host (%s) is not https:// or amqps://: KEDA would send its broker password in clear text. Use the management API over TLS (https://HOST:15671/) or amqps://HOST:5671/" $.Values.autoscaling.host) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- with .Values.autoscaling }}
 {{- if .enabled }}
