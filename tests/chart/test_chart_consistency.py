@@ -103,7 +103,7 @@ def test_the_worker_accepts_the_settings_the_chart_renders(scenario: Scenario, t
 @pytest.mark.parametrize("scenario", scenario_params())
 def test_the_trigger_watches_the_queue_the_worker_consumes(scenario: Scenario) -> None:
     rendered = render(scenario.values())
-    env = rendered.worker_env()
+    env = {k: v for k, v in rendered.worker_env().items() if k not in MOUNTED_FILES}  # files exist in the pod only
     env["AMQP_URL"] = "amqp://user:password@rabbitmq:5672/"
     queue = Settings.from_env(env).queue  # a version's queue when the release serves a model version
     for scaled_object in rendered.of_kind("ScaledObject"):
