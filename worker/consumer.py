@@ -1,39 +1,36 @@
-"""The worker: wires intake, scheduler, runner, replies and settler, and owns the life cycle.
+"""The worker: wires intake, scheduler, runner, replies and settler to the queue consumer, and owns the life cycle.
 
-One consume connection (QoS = prefetch window) and the replier's publish connection, so a publisher
-blocked by a broker alarm never stalls acks. This module owns what belongs to the consumer as a
-whole: start (load and warm the model, connect, declare, consume), the prefetch window (slow start,
-suspects alone), the consumer watch behind readiness, the drain on SIGTERM and the close.
+This module owns what belongs to the worker as a whole: start (load and warm the model, open the
+replier's publish connection, start the queue consumer), the HTTP endpoints, the drain on SIGTERM
+(stop consuming, hand back what has not started, finish what has, within the drain timeout) and the
+close. The consume connection, the prefetch window and the readiness watch are ``worker.consuming``'s.
 
 The flow of one request, module by module::
 
-    intake.Intake.on_message   reply_to, deadline and size checks; decode and prepare
+    consuming.QueueConsumer    deliveries through the prefetch window
+      -> intake.Intake         reply_to, deadline and size checks; decode and prepare
       -> scheduler.Scheduler   batches of compatible rows; expired requests skipped
       -> runner.ModelRunner    the model, inline or in its thread, failures isolated per request
       -> replies.Replies       result or error replies, published by replier.Replier
       -> settler.Settler       ack / requeue / dead-letter per acks.ack_action
 
-Called by ``worker.cli`` and the tests; calls the modules above and ``worker.broker``.
+Called by ``worker.cli`` (and ``worker.supervisor`` through it) and the tests; calls the modules above.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import signal
 import time
-from typing import Any
 
-import aiormq.exceptions
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 from opentelemetry.trace import TracerProvider
 
 from producer.tls import is_tls_url
 from producer.urls import redact_url
 from worker.acks import Outcome
-from worker.broker import connect, declare_request_queue
+from worker.consuming import QueueConsumer
 from worker.health import HealthState, start_http_server
 from worker.intake import Intake
 from worker.jobs import Job
@@ -49,9 +46,6 @@ from worker.tasks import TaskSet
 from worker.tracing import WorkerTracing
 
 log = structlog.get_logger("worker")
-
-_CONSUMER_CHECK_S = 0.25  # how often readiness checks that the broker still has our consumer
-_CLOSE_TIMEOUT_S = 5.0  # longest a consumer cancel or connection close may take while draining
 
 
 @dataclasses.dataclass(slots=True)
@@ -93,20 +87,9 @@ class Worker:
         self._tracing = WorkerTracing(settings.queue, tracer_provider)
         self._runner = ModelRunner()
         self._replier = Replier(settings.amqp_url, connect_timeout_s=settings.connect_timeout_s, tls=settings.tls)
-        self._settler = Settler(self.metrics, on_hold=self._on_hold, on_release=self._on_release)
+        self._settler = Settler(self.metrics, on_hold=self._on_hold, on_release=lambda job: self._consumer.release(job))
         self._parts: _Parts | None = None
-        self._consume_conn: AbstractRobustConnection | None = None
-        self._queue: AbstractQueue | None = None
-        self._consumer_tag: str | None = None
-        self._channel: AbstractChannel | None = None
-        self._watcher: asyncio.Task[None] | None = None
-        # Slow start: the window opens to ``prefetch`` at the first request delivered for the first
-        # time. Redelivered requests ("suspects", possibly what crashed the last worker) shrink it to
-        # one, so a request that kills the process takes no innocent neighbour's delivery count along.
-        self._window = 1  # the prefetch wanted now
-        self._consumer_window = 0  # the prefetch the current consumer was started with
-        self._window_lock = asyncio.Lock()
-        self._suspects_open = 0
+        self._consumer = QueueConsumer(settings, health=self.health, tasks=self._tasks, settler=self._settler)
 
     @property
     def batches_run(self) -> int:
@@ -187,8 +170,8 @@ class Worker:
             tasks=self._tasks,
             metrics=self.metrics,
             health=self.health,
-            on_redelivered=self._isolate_suspects,
-            on_first_delivery=self._open_window,
+            on_redelivered=self._consumer.isolate_suspects,
+            on_first_delivery=self._consumer.open_window,
             tracing=self._tracing,
         )
         return _Parts(pipeline, replies, scheduler, intake)
@@ -202,20 +185,8 @@ class Worker:
         self.metrics.model.info(
             {"name": pipeline.name, "version": pipeline.version, "providers": ",".join(pipeline.providers)}
         )
-        self._consume_conn = await connect(
-            s.amqp_url, timeout_s=s.connect_timeout_s, name="qinfer-worker-consume", tls_options=s.tls
-        )
         await self._replier.open()
-        self._consume_conn.close_callbacks.add(self._on_connection_lost)
-        self._consume_conn.reconnect_callbacks.add(self._on_reconnected)
-        channel = await self._consume_conn.channel(publisher_confirms=False)
-        self._channel = channel
-        await channel.set_qos(prefetch_count=self._window)
-        self._consumer_window = self._window
-        self._queue = await declare_request_queue(channel, s)
-        self._consumer_tag = await self._queue.consume(parts.intake.on_message)
-        self.health.consuming = True
-        self._watcher = asyncio.create_task(self._watch_consumer(), name="consumer-watch")
+        await self._consumer.start(parts.intake.on_message)
         self.consuming_event.set()
         log.info(
             "worker_started",
@@ -238,27 +209,13 @@ class Worker:
         )
         return parts
 
-    def _on_connection_lost(self, *_: Any) -> None:
-        self.health.consuming = False
-        if self.health.draining:
-            return  # our own close
-        log.warning("broker_connection_lost", queue=self.settings.queue)
-
-    def _on_reconnected(self, *_: Any) -> None:
-        self.health.consuming = not self.health.draining
-        log.info("broker_reconnected", queue=self.settings.queue)
-
     async def _drain(self, parts: _Parts, batcher: asyncio.Task[None]) -> None:
         """Stop consuming, hand back what has not started, finish what has, within the drain timeout."""
         started = time.monotonic()
         deadline_s = started + self.settings.drain_timeout_s
         self.health.draining = True
         self.stop_event.set()  # wakes replies held for a retry: they get one last try
-        if self._queue is not None and self._consumer_tag is not None:
-            try:
-                await asyncio.wait_for(self._queue.cancel(self._consumer_tag), _CLOSE_TIMEOUT_S)
-            except Exception as e:  # the channel may already be gone; the broker requeues on close
-                log.debug("consumer_cancel_failed", error=repr(e))
+        await self._consumer.cancel()
         handed_back = parts.scheduler.hand_back()
         await self._settler.settle([(job, Outcome.NOT_STARTED) for job in handed_back])
         # The batch computing now spawns its reply task when it finishes, so wait until no task is
@@ -279,24 +236,17 @@ class Worker:
         )
 
     async def _close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            await asyncio.gather(self._watcher, return_exceptions=True)
-        if self._consume_conn is not None and not self._consume_conn.is_closed:
-            try:
-                await asyncio.wait_for(self._consume_conn.close(), _CLOSE_TIMEOUT_S)
-            except Exception as e:  # a broker that is down cannot answer the close handshake
-                log.debug("close_failed", error=repr(e))
+        await self._consumer.close()
         await self._replier.close()
-        self.health.consuming = False
 
     async def _queue_empty(self) -> bool:
         """True when nothing is pending or in flight here and the queue holds no ready message."""
         if self._parts is None or self._parts.scheduler.pending or len(self._tasks) or len(self._settler.ledger):
             return False
-        if self._queue is None:
+        queue = self._consumer.queue
+        if queue is None:
             return False
-        declared = await self._queue.channel.declare_queue(self.settings.queue, passive=True)
+        declared = await queue.channel.declare_queue(self.settings.queue, passive=True)
         return (
             (declared.declaration_result.message_count or 0) == 0
             and not self._parts.scheduler.pending
@@ -309,105 +259,3 @@ class Worker:
     def _on_hold(self, job: Job) -> None:
         assert self._parts is not None
         self._parts.replies.retry_soon(job)
-
-    def _on_release(self, job: Job) -> None:
-        if job.suspect:
-            self._suspects_open -= 1
-
-    # ------------------------------------------------------------------------------------------
-    # Readiness and the prefetch window
-
-    async def _watch_consumer(self) -> None:
-        """Keep readiness true only while the broker has our consumer, and log when that changes.
-
-        The robust connection restores the channel and the consumer after a lost connection, and
-        after a consumer cancel sent by the broker (its queue was deleted: the queue is declared
-        again with the same arguments). This notices both, however they end.
-        """
-        while True:
-            await asyncio.sleep(_CONSUMER_CHECK_S)
-            if not self.health.draining and (self._consumer_tag is None or self._consumer_window != self._window):
-                await self._set_window(self._window)  # a window change was cut short by a lost connection
-            self._check_stalled()
-            consuming = await self._consumer_registered()
-            if self.health.draining or consuming == self.health.consuming:
-                continue
-            self.health.consuming = consuming
-            if consuming:
-                log.info("consumer_restored", queue=self.settings.queue)
-            else:
-                log.warning("consumer_lost", queue=self.settings.queue, why="connection, channel or consumer gone")
-
-    def _check_stalled(self) -> None:
-        """Readiness false while the prefetch window is full and nothing has settled for ``stall_s``.
-
-        A worker in that state receives nothing more: whatever holds its window (a stuck model
-        run, replies the broker keeps refusing) must be looked at, and a rollout must not count it.
-        """
-        unacked = len(self._settler.ledger)
-        idle_s = time.monotonic() - self._settler.last_settled_s
-        window_full = self._consumer_window > 0 and unacked >= self._consumer_window
-        stalled = window_full and idle_s > self.settings.stall_s
-        if stalled == self.health.stalled:
-            return
-        self.health.stalled = stalled
-        if stalled:
-            log.warning(
-                "worker_stalled",
-                unacked=unacked,
-                idle_s=round(idle_s, 1),
-                why="the prefetch window is full and nothing settled; readiness is false until something does",
-            )
-        else:
-            log.info("worker_unstalled", unacked=unacked)
-
-    async def _consumer_registered(self) -> bool:
-        conn, channel = self._consume_conn, self._channel
-        if conn is None or conn.is_closed or channel is None or channel.is_closed:
-            return False
-        try:
-            underlay = await channel.get_underlay_channel()
-        except aiormq.exceptions.ChannelInvalidStateError:
-            return False
-        consumers: dict[str, Any] = getattr(underlay, "consumers", {})
-        return not underlay.is_closed and self._consumer_tag in consumers
-
-    def _isolate_suspects(self) -> None:
-        """A redelivered request arrived: shrink the window to one delivery until none is left."""
-        self._suspects_open += 1
-        if self._window != 1:
-            log.info("isolating_redelivered", queue=self.settings.queue, prefetch=1)
-            self._window = 1
-            self._tasks.spawn(self._set_window(1))
-
-    def _open_window(self) -> None:
-        """A first-time delivery arrived: open the window fully once no suspect is left."""
-        if self._window != self.settings.prefetch and self._suspects_open == 0:
-            self._window = self.settings.prefetch
-            self._tasks.spawn(self._set_window(self.settings.prefetch))
-
-    async def _set_window(self, prefetch: int) -> None:
-        """Consume again with ``prefetch``: RabbitMQ applies a consumer's prefetch when it starts.
-
-        Deliveries the old consumer received stay ours, unacked, and are settled as usual.
-        """
-        async with self._window_lock:
-            if self._queue is None or self._channel is None or self.health.draining:
-                return
-            if self._consumer_tag is not None and self._consumer_window == prefetch:
-                return
-            try:
-                if self._consumer_tag is not None:
-                    await self._queue.cancel(self._consumer_tag)
-                    self._consumer_tag = None
-                await self._channel.set_qos(prefetch_count=prefetch)
-                assert self._parts is not None
-                self._consumer_tag = await self._queue.consume(self._parts.intake.on_message)
-                self._consumer_window = prefetch
-            except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as e:
-                # The watcher tries again once the connection is back.
-                log.warning("window_change_failed", prefetch=prefetch, error=repr(e))
-                return
-            if self.health.draining:  # drain began meanwhile: this consumer must not take work
-                with contextlib.suppress(Exception):
-                    await self._queue.cancel(self._consumer_tag)
