@@ -49,9 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument(
         "--broker-ms-per-message",
         type=float,
-        default=1.2,
-        help="CPU ms a consumer process spends per message on AMQP alone (receive, reply, confirm, ack); "
-        "a bare aio-pika consumer measured 0.9 on a classic and 1.2 on a quorum queue (docs/deploy.md)",
+        default=0.4,
+        help="CPU ms a consumer process spends per message on AMQP alone (receive, reply, confirm, ack); the "
+        "worker measured 0.44 in all on a quorum queue with a near-zero model, a bare aio-pika echo consumer 0.42 "
+        "(python -m bench.broker_bound --model affine prints both for your machine)",
     )
     return parser
 
