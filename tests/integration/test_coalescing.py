@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import uuid
 from collections.abc import AsyncIterator
@@ -122,3 +123,31 @@ async def _delete(amqp_url: str, queue: str) -> None:
         channel = await connection.channel()
         for name in (queue, dead_letter_queue(queue)):
             await channel.queue_delete(name, if_unused=False, if_empty=False)
+
+
+async def test_a_worker_killed_under_packed_load_costs_no_caller_its_own_answer(
+    amqp_url: str, affine: Path, queue: str
+) -> None:
+    answered = asyncio.Event()
+    done = 0
+
+    async def call(client: Client, i: int) -> np.ndarray:
+        nonlocal done
+        reply = await client.infer({"x": _row(i)})
+        done += 1
+        if done == 300:
+            answered.set()
+        return np.asarray(reply.outputs["y"])
+
+    async with (
+        WorkerProcess(amqp_url, affine, queue, "--max-batch", "16") as first,
+        WorkerProcess(amqp_url, affine, queue, "--max-batch", "16") as second,
+        Client(amqp_url, queue=queue, timeout_s=60, coalesce_rows=16) as client,
+    ):
+        calls = [asyncio.ensure_future(call(client, i)) for i in range(2000)]
+        await asyncio.wait_for(answered.wait(), 60)
+        first.signal(signal.SIGKILL)  # its unacked packed requests go to the other worker
+        results = await asyncio.gather(*calls)
+    assert second.events("redelivered"), "the killed worker held no unanswered request: nothing was tested"
+    for i, y in enumerate(results):
+        np.testing.assert_array_equal(y, 2 * _row(i) + 1)
