@@ -45,7 +45,7 @@ import numpy.typing as npt
 import structlog
 from opentelemetry.trace import TracerProvider
 
-from producer.coalesce import Arrays, Coalescer, lane_key, pack_rows, split_rows
+from producer.coalesce import Coalescer, lane_key, pack_rows, split_rows
 from producer.errors import (
     ConnectionLostError,
     ErrorReplyError,
@@ -64,6 +64,7 @@ from producer.names import (
     version_queue,
 )
 from producer.protocol import ErrorCode, ErrorReply, InferReply, as_tensor, decode_reply, encode_request
+from producer.rows import Arrays
 from producer.tls import TlsOptions
 from producer.tls import connect as tls_connect
 from producer.tracing import RoundTrips

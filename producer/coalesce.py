@@ -18,17 +18,17 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
-import numpy as np
 import numpy.typing as npt
 import structlog
 
 from producer.errors import ProtocolError
 from producer.protocol import ErrorCode
+from producer.rows import Arrays, concat_rows
+from producer.rows import split_rows as rows_split
 
 log = structlog.get_logger(__name__)
 
 C = TypeVar("C")
-Arrays = dict[str, npt.NDArray[Any]]
 
 
 def lane_key(inputs: Mapping[str, npt.NDArray[Any]]) -> Hashable | None:
@@ -46,9 +46,7 @@ def lane_key(inputs: Mapping[str, npt.NDArray[Any]]) -> Hashable | None:
 
 def pack_rows(parts: Sequence[Mapping[str, npt.NDArray[Any]]]) -> Arrays:
     """Concatenate the calls' inputs along the first dimension (inputs must share a :func:`lane_key`)."""
-    if len(parts) == 1:
-        return dict(parts[0])
-    return {name: np.concatenate([p[name] for p in parts], axis=0) for name in parts[0]}
+    return concat_rows(parts)
 
 
 def split_rows(outputs: Mapping[str, npt.NDArray[Any]], rows: Sequence[int]) -> list[Arrays]:
@@ -57,17 +55,12 @@ def split_rows(outputs: Mapping[str, npt.NDArray[Any]], rows: Sequence[int]) -> 
     Raises:
         ProtocolError: when an output's first dimension is not the packed request's row count.
     """
-    total = sum(rows)
-    for name, value in outputs.items():
-        if value.ndim == 0 or value.shape[0] != total:
-            raise ProtocolError(
-                ErrorCode.BAD_ENCODING,
-                f"reply output {name!r} has shape {list(value.shape)}; a packed request of {total} rows "
-                "needs that many in its first dimension",
-            )
-    bounds = np.cumsum(rows)[:-1]
-    pieces = {name: np.split(value, bounds) for name, value in outputs.items()}
-    return [{name: pieces[name][i] for name in outputs} for i in range(len(rows))]
+    try:
+        return rows_split(outputs, rows)
+    except ValueError as e:
+        raise ProtocolError(
+            ErrorCode.BAD_ENCODING, f"a reply to a packed request of {sum(rows)} rows does not split: {e}"
+        ) from e
 
 
 def take_rows(waiting: deque[C], max_rows: int, rows_of: Callable[[C], int], wanted: Callable[[C], bool]) -> list[C]:

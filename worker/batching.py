@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
-import numpy as np
 import numpy.typing as npt
 
 T = TypeVar("T")
@@ -176,30 +175,6 @@ class PendingRows(Generic[T]):
             else:
                 yield from group[lengths[i]]
                 i += 1
-
-
-def concat_inputs(inputs: Sequence[Mapping[str, npt.NDArray[Any]]]) -> Arrays:
-    """Concatenate per-request inputs along the first dimension (no copy for a single request)."""
-    if len(inputs) == 1:
-        return dict(inputs[0])
-    return {name: np.concatenate([x[name] for x in inputs], axis=0) for name in inputs[0]}
-
-
-def split_outputs(outputs: Mapping[str, npt.NDArray[Any]], rows: Sequence[int]) -> list[Arrays]:
-    """Split batch outputs back into one dict per request, by each request's row count.
-
-    Raises:
-        ValueError: when an output's first dimension is not the batch's total rows.
-    """
-    total = sum(rows)
-    for name, value in outputs.items():
-        if value.ndim == 0 or value.shape[0] != total:
-            raise ValueError(f"output {name!r} has shape {list(value.shape)}, expected first dimension {total}")
-    if len(rows) == 1:
-        return [dict(outputs)]
-    bounds = np.cumsum(rows)[:-1]
-    pieces = {name: np.split(value, bounds) for name, value in outputs.items()}
-    return [{name: pieces[name][i] for name in outputs} for i in range(len(rows))]
 
 
 def run_isolating(run: Callable[[Sequence[T]], list[R]], items: Sequence[T]) -> list[R | Exception]:

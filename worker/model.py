@@ -17,7 +17,8 @@ import onnxruntime as ort
 
 from producer.errors import ProtocolError, clip
 from producer.protocol import ErrorCode, InferRequest, numpy_to_datatype
-from worker.batching import Arrays, concat_inputs, split_outputs
+from producer.rows import concat_rows, split_rows
+from worker.batching import Arrays
 from worker.errors import ModelLoadError
 from worker.session import Part, Pipeline, TensorSpec, check_rows, choose_providers, open_session, spec_of
 from worker.settings import Settings
@@ -104,10 +105,10 @@ class TensorPipeline:
         )
 
     def run(self, requests: Sequence[InferRequest]) -> list[Arrays]:
-        feeds = concat_inputs([r.inputs for r in requests])
+        feeds = concat_rows([r.inputs for r in requests])
         values = self.session.run(self._output_names, feeds)
         outputs = dict(zip(self._output_names, values, strict=True))
-        per_request = split_outputs(outputs, [r.rows for r in requests])
+        per_request = split_rows(outputs, [r.rows for r in requests])
         return [
             {k: v for k, v in out.items() if k in r.outputs} if r.outputs else out
             for r, out in zip(requests, per_request, strict=True)

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from worker.batching import PendingRows, Split, concat_inputs, run_isolating, split_outputs
+from producer.rows import concat_rows, split_rows
+from worker.batching import PendingRows, Split, run_isolating
 
 
 def _pending(*items: tuple[str, int, str], split: Split[str] | None = None) -> PendingRows[str]:
@@ -115,16 +116,16 @@ def test_a_large_window_of_single_rows_forms_batches_quickly() -> None:
 
 def test_concat_and_split_round_trip_mixed_request_sizes() -> None:
     requests = [{"x": np.full((n, 2), i, dtype=np.float32)} for i, n in enumerate([1, 3, 2])]
-    batch = concat_inputs(requests)
+    batch = concat_rows(requests)
     assert batch["x"].shape == (6, 2)
-    parts = split_outputs({"y": batch["x"] * 10}, [1, 3, 2])
+    parts = split_rows({"y": batch["x"] * 10}, [1, 3, 2])
     for i, (part, n) in enumerate(zip(parts, [1, 3, 2], strict=True)):
         np.testing.assert_array_equal(part["y"], np.full((n, 2), i * 10, dtype=np.float32))
 
 
 def test_split_rejects_outputs_without_a_batch_dimension() -> None:
     with pytest.raises(ValueError, match="first dimension 3"):
-        split_outputs({"y": np.zeros(2)}, [1, 2])
+        split_rows({"y": np.zeros(2)}, [1, 2])
 
 
 def test_run_isolating_gives_only_the_poison_item_its_error() -> None:
