@@ -78,11 +78,13 @@ async def main(args: argparse.Namespace) -> int:
         f"waiting for its batch {timing.get('batch_wait_ms', 0):.1f} ms, compute {timing.get('compute_ms', 0):.1f} ms "
         f"(batch of {timing.get('batch_rows')} rows)"
     )
+    packed = max((r.parameters.get("coalesced", {"requests": 1, "rows": 1}) for r in alone), key=lambda c: c["rows"])
     batched = max(r.parameters.get("timing", {}).get("batch_requests", 1) for r in alone)
     agree = float(np.min(np.sum(single * vectors, axis=1)))
     console.print(
-        f"{len(SENTENCES)} single-sentence requests, sent at once: up to {batched} shared one model run; "
-        f"their embeddings match the multi-row request's (lowest cosine {agree:.6f})"
+        f"{len(SENTENCES)} single-sentence calls made at the same time: the client packed up to {packed['requests']} "
+        f"concurrent calls ({packed['rows']} rows) into one request, and up to {batched} requests shared one model "
+        f"run; their embeddings match the multi-row request's (lowest cosine {agree:.6f})"
     )
     console.print(
         f"worker stopped (exit code {worker.returncode}): "
