@@ -26,7 +26,7 @@ import contextlib
 import dataclasses
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -359,17 +359,7 @@ async def connect(url: str, options: TlsOptions | None = None, **kwargs: Any) ->
         BrokerTlsError: when the TLS files cannot be used or the handshake fails (never worth retrying).
         Whatever ``aio_pika.connect`` raises for other failures (unreachable broker, rejected credentials).
     """
-    options = options or TlsOptions()
-    context = ssl_context(url, options)
-    if context is not None:
-        kwargs["ssl_context"] = context
-    try:
-        connection: aio_pika.abc.AbstractConnection = await aio_pika.connect(url, **kwargs)
-    except Exception as e:
-        message = None if context is None else await _tls_failure(url, e, context, options)
-        if message is None:
-            raise
-        raise BrokerTlsError(message) from e
+    connection: aio_pika.abc.AbstractConnection = await _open(aio_pika.connect, url, options, kwargs)
     return connection
 
 
@@ -377,18 +367,25 @@ async def connect_robust(
     url: str, options: TlsOptions | None = None, **kwargs: Any
 ) -> aio_pika.abc.AbstractRobustConnection:
     """:func:`connect` for ``aio_pika.connect_robust``: the context is kept for every reconnection."""
+    connection: aio_pika.abc.AbstractRobustConnection = await _open(aio_pika.connect_robust, url, options, kwargs)
+    return connection
+
+
+async def _open(
+    opener: Callable[..., Awaitable[Any]], url: str, options: TlsOptions | None, kwargs: dict[str, Any]
+) -> Any:
+    """Open a connection with ``opener``, turning a failed TLS handshake into one :class:`BrokerTlsError`."""
     options = options or TlsOptions()
     context = ssl_context(url, options)
     if context is not None:
         kwargs["ssl_context"] = context
     try:
-        connection: aio_pika.abc.AbstractRobustConnection = await aio_pika.connect_robust(url, **kwargs)
+        return await opener(url, **kwargs)
     except Exception as e:
         message = None if context is None else await _tls_failure(url, e, context, options)
         if message is None:
             raise
         raise BrokerTlsError(message) from e
-    return connection
 
 
 def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
