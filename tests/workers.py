@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+from opentelemetry.trace import TracerProvider
 
 from producer.names import DIRECT_REPLY_TO, HEADER_DEADLINE_MS, HEADER_PUBLISHED_MS
 from producer.protocol import ErrorReply, InferReply, decode_reply
@@ -24,10 +25,24 @@ from worker.settings import Settings
 
 
 @contextlib.asynccontextmanager
-async def running_worker(amqp_url: str, model: Path, queue: str, **settings: Any) -> AsyncIterator[Worker]:
-    """A worker consuming ``queue`` in this event loop; stopped (drained) on exit."""
+async def running_worker(
+    amqp_url: str,
+    model: Path,
+    queue: str,
+    *,
+    pipeline: Any = None,
+    tracer_provider: TracerProvider | None = None,
+    **settings: Any,
+) -> AsyncIterator[Worker]:
+    """A worker consuming ``queue`` in this event loop; stopped (drained) on exit.
+
+    Args:
+        pipeline: a loaded (or wrapped) pipeline to serve; loaded from ``model`` when None.
+        tracer_provider: where the worker's spans go (default: the global provider).
+        settings: more :class:`Settings` fields.
+    """
     s = Settings(amqp_url=amqp_url, model=model, queue=queue, http_port=0, **settings)
-    worker = Worker(s, load_pipeline(s), install_signal_handlers=False)
+    worker = Worker(s, pipeline or load_pipeline(s), install_signal_handlers=False, tracer_provider=tracer_provider)
     task = asyncio.create_task(worker.run())
     started = asyncio.create_task(worker.consuming_event.wait())
     await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from tests.integration.test_observability import GatedPipeline
 from tests.models import mlp_model
 from tests.otlp_receiver import OtlpReceiver
 from tests.worker_process import WorkerProcess
-from tests.workers import RpcClient, Sent, decoded
+from tests.workers import RpcClient, Sent, decoded, running_worker
 from worker.consumer import Worker
 from worker.model import load_pipeline
 from worker.settings import Settings
@@ -59,26 +59,11 @@ def provider(exporter: InMemorySpanExporter) -> Iterator[TracerProvider]:
     provider.shutdown()
 
 
-@contextlib.asynccontextmanager
-async def traced_worker(
+def traced_worker(
     amqp_url: str, model: Path, queue: str, provider: TracerProvider, pipeline: Any = None, **overrides: Any
-) -> AsyncIterator[Worker]:
+) -> contextlib.AbstractAsyncContextManager[Worker]:
     """An in-process worker whose spans go to ``provider``; drained on exit."""
-    settings = Settings(amqp_url=amqp_url, model=model, queue=queue, http_port=0, **overrides)
-    worker = Worker(
-        settings, pipeline or load_pipeline(settings), install_signal_handlers=False, tracer_provider=provider
-    )
-    task = asyncio.create_task(worker.run())
-    started = asyncio.create_task(worker.consuming_event.wait())
-    await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        started.cancel()
-        task.result()
-    try:
-        yield worker
-    finally:
-        worker.stop_event.set()
-        await task
+    return running_worker(amqp_url, model, queue, pipeline=pipeline, tracer_provider=provider, **overrides)
 
 
 def request(rows: int = 1, seed: int = 0, width: int = 64) -> Sent:
