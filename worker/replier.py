@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 from collections import OrderedDict
 from typing import Any
@@ -58,6 +59,17 @@ class Published(enum.Enum):
     """Publishing it alone closed the connection: its direct reply-to address is forged or stale."""
     LOST = "lost"
     """Connection trouble: unknown whether it arrived."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One reply to publish: its body and the properties it travels with."""
+
+    body: bytes
+    content_type: str
+    correlation_id: str | None
+    to: ReplyTo
+    headers: dict[str, Any] | None = None  # AMQP headers (the trace context), or None
 
 
 class Replier:
@@ -98,31 +110,17 @@ class Replier:
                 except Exception as e:
                     log.debug("close_failed", error=repr(e))
 
-    async def publish(
-        self,
-        body: bytes,
-        *,
-        content_type: str,
-        correlation_id: str | None,
-        to: ReplyTo,
-        headers: dict[str, Any] | None = None,
-    ) -> Published:
-        """Publish one reply to ``to`` and wait for the broker's verdict. Never raises for broker trouble.
-
-        ``headers``: AMQP headers of the reply (the trace context), or None.
-        """
+    async def publish(self, reply: Outgoing) -> Published:
+        """Publish one reply and wait for the broker's verdict. Never raises for broker trouble."""
+        to = reply.to
         if to.kind is ReplyToKind.DIRECT and to.pid not in self._trusted:
-            verdict = await self._probe(
-                body, content_type=content_type, correlation_id=correlation_id, to=to, headers=headers
-            )
+            verdict = await self._probe(reply)
             if verdict is not None:
                 return verdict
         assert self._channel is not None
         try:
             channel = await self._channel.get_underlay_channel()
-            await self._basic_publish(
-                channel, body, content_type=content_type, correlation_id=correlation_id, to=to, headers=headers
-            )
+            await self._basic_publish(channel, reply)
         except aiormq.exceptions.PublishError:
             return Published.UNROUTABLE
         except aiormq.exceptions.DeliveryError:
@@ -130,48 +128,33 @@ class Replier:
         except Exception as e:
             log.warning("reply_lost", reply_to=to.address, error=repr(e))
             return Published.LOST
-        if to.kind is ReplyToKind.DIRECT:
-            self._trusted.move_to_end(to.pid)
+        if to.kind is ReplyToKind.DIRECT:  # still trusted: least recently used pids are forgotten first
+            self._remember(self._trusted, to.pid, _TRUSTED_PIDS)
         return Published.CONFIRMED
 
     @staticmethod
-    async def _basic_publish(
-        channel: Any,
-        body: bytes,
-        *,
-        content_type: str,
-        correlation_id: str | None,
-        to: ReplyTo,
-        headers: dict[str, Any] | None = None,
-    ) -> None:
-        direct = to.kind is ReplyToKind.DIRECT
+    async def _basic_publish(channel: Any, reply: Outgoing) -> None:
+        direct = reply.to.kind is ReplyToKind.DIRECT
         await channel.basic_publish(
-            body,
+            reply.body,
             exchange="",
-            routing_key=to.address,
+            routing_key=reply.to.address,
             properties=aiormq.spec.Basic.Properties(
-                content_type=content_type,
-                correlation_id=correlation_id,
+                content_type=reply.content_type,
+                correlation_id=reply.correlation_id,
                 delivery_mode=_TRANSIENT if direct else _PERSISTENT,
-                headers=headers or None,
+                headers=reply.headers or None,
             ),
             mandatory=not direct,
         )
 
-    async def _probe(
-        self,
-        body: bytes,
-        *,
-        content_type: str,
-        correlation_id: str | None,
-        to: ReplyTo,
-        headers: dict[str, Any] | None = None,
-    ) -> Published | None:
+    async def _probe(self, reply: Outgoing) -> Published | None:
         """Publish the first reply to an untrusted pid alone on the probation connection.
 
         Returns the verdict for this reply, or None when the pid turned out good and the reply
         should go out on the publish connection like any other.
         """
+        to = reply.to
         if to.pid in self._bad:
             return Published.FATAL_ADDRESS
         waiting = self._probing.get(to.pid)
@@ -182,9 +165,7 @@ class Replier:
         self._probing[to.pid] = future
         verdict = Published.LOST
         try:
-            verdict = await self._publish_on_probation(
-                body, content_type=content_type, correlation_id=correlation_id, to=to, headers=headers
-            )
+            verdict = await self._publish_on_probation(reply)
         finally:
             del self._probing[to.pid]
             future.set_result(verdict)
@@ -194,15 +175,7 @@ class Replier:
             self._remember(self._bad, to.pid, _BAD_PIDS)
         return verdict
 
-    async def _publish_on_probation(
-        self,
-        body: bytes,
-        *,
-        content_type: str,
-        correlation_id: str | None,
-        to: ReplyTo,
-        headers: dict[str, Any] | None = None,
-    ) -> Published:
+    async def _publish_on_probation(self, reply: Outgoing) -> Published:
         async with self._probation_lock:
             try:
                 if self._probation is None or self._probation.is_closed:
@@ -215,21 +188,14 @@ class Replier:
                     self._probation_channel = await (
                         await self._probation.channel(publisher_confirms=True)
                     ).get_underlay_channel()
-                await self._basic_publish(
-                    self._probation_channel,
-                    body,
-                    content_type=content_type,
-                    correlation_id=correlation_id,
-                    to=to,
-                    headers=headers,
-                )
+                await self._basic_publish(self._probation_channel, reply)
             except aiormq.exceptions.ConnectionInternalError:
                 self._probation = None
                 return Published.FATAL_ADDRESS
             except aiormq.exceptions.DeliveryError:
                 return Published.REFUSED
             except Exception as e:
-                log.warning("reply_lost", reply_to=to.address, error=repr(e))
+                log.warning("reply_lost", reply_to=reply.to.address, error=repr(e))
                 if self._probation is not None:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(self._probation.close(), _CLOSE_TIMEOUT_S)

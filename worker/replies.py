@@ -25,7 +25,7 @@ from worker.batching import Arrays
 from worker.health import HealthState
 from worker.jobs import Job, Reply
 from worker.metrics import WorkerMetrics
-from worker.replier import Published, Replier
+from worker.replier import Outgoing, Published, Replier
 from worker.settler import Settler, open_channel
 from worker.tasks import TaskSet
 from worker.tracing import error_reply, log_ids, publishing_reply
@@ -173,11 +173,7 @@ class Replies:
         assert job.reply_to is not None
         with publishing_reply(job) as headers:
             return await self._replier.publish(
-                reply.body,
-                content_type=reply.content_type,
-                correlation_id=job.message.correlation_id,
-                to=job.reply_to,
-                headers=headers,
+                Outgoing(reply.body, reply.content_type, job.message.correlation_id, job.reply_to, headers)
             )
 
     def _refused(self, reply: Reply) -> Outcome:
