@@ -129,7 +129,7 @@ class Intake:
         # A bug or an input nobody foresaw: answer it, never leave it unsettled.
         log.error("intake_failed", request_id=clip(job.request_id), error=clip(error), exc_info=error)
         if job.reply_to is None:
-            job.reply_to = classify(job.message.reply_to, self._reply_to_pattern)
+            job.reply_to = self._classify(job.message.reply_to)
         if job.reply_to.answerable:
             text = f"the worker could not take in this request ({type(error).__name__}); it was not computed"
             self._replies.send_soon([self._replies.error(job, ErrorCode.INTERNAL, text)])
