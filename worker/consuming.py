@@ -22,6 +22,7 @@ from typing import Any
 import aiormq.exceptions
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from worker.broker import connect, declare_request_queue
 from worker.health import HealthState
@@ -34,6 +35,7 @@ log = structlog.get_logger("worker")
 
 _CONSUMER_CHECK_S = 0.25  # how often readiness checks that the broker still has our consumer
 _CLOSE_TIMEOUT_S = 5.0  # longest a consumer cancel or connection close may take while draining
+_START_ATTEMPTS = 5  # tries at starting to consume (see QueueConsumer.start)
 
 
 class QueueConsumer:
@@ -66,22 +68,50 @@ class QueueConsumer:
         self._suspects_open = 0
 
     async def start(self, on_message: Callable[[AbstractIncomingMessage], Awaitable[None]]) -> None:
-        """Connect, declare the queue and hand its deliveries to ``on_message``, one at a time to begin with."""
-        s = self._settings
+        """Connect, declare the queue and hand its deliveries to ``on_message``, one at a time to begin with.
+
+        Workers starting together on a queue that does not exist yet race to create it: RabbitMQ 3.10 can
+        answer a consume on a quorum queue still being set up with ``INTERNAL_ERROR``, closing the
+        connection. That is retried a few times with a short backoff; anything else stops the start.
+        """
         self._on_message = on_message
-        self._connection = await connect(
-            s.amqp_url, timeout_s=s.connect_timeout_s, name="qinfer-worker-consume", tls_options=s.tls
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(_START_ATTEMPTS),
+            wait=wait_exponential(multiplier=0.2, max=2),
+            retry=retry_if_exception_type(aiormq.exceptions.ConnectionInternalError),
+            reraise=True,
+            before_sleep=lambda state: log.warning(
+                "consume_start_retried",
+                queue=self._settings.queue,
+                attempt=state.attempt_number,
+                why="the broker closed the connection while the queue was being set up",
+            ),
         )
-        self._connection.close_callbacks.add(self._on_connection_lost)
-        self._connection.reconnect_callbacks.add(self._on_reconnected)
-        channel = await self._connection.channel(publisher_confirms=False)
-        self._channel = channel
-        await channel.set_qos(prefetch_count=self._window)
-        self._consumer_window = self._window
-        self.queue = await declare_request_queue(channel, s)
-        self._consumer_tag = await self.queue.consume(on_message)
+        async for attempt in retrying:
+            with attempt:
+                await self._open(on_message)
         self._health.consuming = True
         self._watcher = asyncio.create_task(self._watch(), name="consumer-watch")
+
+    async def _open(self, on_message: Callable[[AbstractIncomingMessage], Awaitable[None]]) -> None:
+        """One try at connecting, declaring and consuming; a failed try leaves no connection behind."""
+        s = self._settings
+        connection = await connect(
+            s.amqp_url, timeout_s=s.connect_timeout_s, name="qinfer-worker-consume", tls_options=s.tls
+        )
+        try:
+            channel = await connection.channel(publisher_confirms=False)
+            await channel.set_qos(prefetch_count=self._window)
+            queue = await declare_request_queue(channel, s)
+            self._consumer_tag = await queue.consume(on_message)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), _CLOSE_TIMEOUT_S)
+            raise
+        connection.close_callbacks.add(self._on_connection_lost)
+        connection.reconnect_callbacks.add(self._on_reconnected)
+        self._connection, self._channel, self.queue = connection, channel, queue
+        self._consumer_window = self._window
 
     async def cancel(self) -> None:
         """Stop taking deliveries (the drain); what is unacked stays ours to settle."""
