@@ -19,8 +19,8 @@ import signal
 import aio_pika
 import onnxruntime as ort
 
-from producer.names import DEFAULT_AMQP_URL, request_queue_arguments
-from producer.protocol import decode_request, encode_reply, reply_content_type
+from producer.wire.names import DEFAULT_AMQP_URL, request_queue_arguments
+from producer.wire.protocol import decode_request, encode_reply, reply_content_type
 
 
 async def serve(kind: str, queue_name: str, model: str | None, prefetch: int) -> None:

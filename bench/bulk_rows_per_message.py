@@ -1,6 +1,6 @@
 """Bulk jobs: rows/s with one row per message vs several rows packed per message.
 
-Runs ``producer bulk`` jobs (the :class:`producer.bulk.BulkJob` the CLI runs) of ``--rows`` small
+Runs ``producer bulk`` jobs (the :class:`producer.bulk.job.BulkJob` the CLI runs) of ``--rows`` small
 rows through one worker process, once per ``--rows-per-message`` setting, round after round so
 background load falls on every setting alike; each figure is the median over the rounds. Two
 models: the tiny affine model (``x`` FP32 [N, 4] → ``y = 2x + 1``) and, when it is present, the
@@ -41,15 +41,15 @@ import structlog
 
 from bench.driver import AMQP_URL, ROOT, delete_queues
 from bench.text_inprocess import make_texts
-from producer.bulk import BulkJob, BulkOptions
-from producer.bulk_auth import state_path
-from producer.names import results_queue
-from producer.protocol import InferRequest
+from producer.bulk.job import BulkJob, BulkOptions
+from producer.bulk.signed_ids import state_path
+from producer.wire.names import results_queue
+from producer.wire.protocol import InferRequest
 from tests.models import affine_model
 from tests.worker_process import WorkerProcess
+from worker.pipelines.text import TextEmbeddingPipeline
+from worker.pipelines.text_steps import group_by_length
 from worker.settings import Settings
-from worker.text import group_by_length
-from worker.text_pipeline import TextEmbeddingPipeline
 
 TEXT_MODEL = ROOT / "models" / "all-MiniLM-L6-v2"
 WARM_UP_ROWS = 1000

@@ -30,7 +30,7 @@ import structlog
 
 from bench.driver import AMQP_URL, delete_queues
 from producer import Client
-from producer.names import dead_letter_queue
+from producer.wire.names import dead_letter_queue
 from tests.models import mlp_model
 from tests.worker_process import WorkerProcess
 

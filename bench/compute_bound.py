@@ -29,12 +29,12 @@ import numpy as np
 
 from bench.driver import AMQP_URL, delete_queues, drive
 from bench.text_inprocess import make_texts
-from producer.names import CONTENT_TYPE_MSGPACK
-from producer.protocol import InferRequest, encode_request
+from producer.wire.names import CONTENT_TYPE_MSGPACK
+from producer.wire.protocol import InferRequest, encode_request
 from tests.worker_process import WorkerProcess
+from worker.pipelines.text import TextEmbeddingPipeline
+from worker.pipelines.text_steps import group_by_length
 from worker.settings import Settings
-from worker.text import group_by_length
-from worker.text_pipeline import TextEmbeddingPipeline
 
 
 def in_process_rows_per_s(pipeline: TextEmbeddingPipeline, texts: list[str], batch: int, window: int) -> float:

@@ -19,7 +19,7 @@ from pathlib import Path
 import aio_pika
 import numpy as np
 
-from producer.names import DEFAULT_AMQP_URL, DIRECT_REPLY_TO, HEADER_PUBLISHED_MS, dead_letter_queue
+from producer.wire.names import DEFAULT_AMQP_URL, DIRECT_REPLY_TO, HEADER_PUBLISHED_MS, dead_letter_queue
 from tests.worker_process import LoggedProcess, child_env
 
 AMQP_URL = os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)

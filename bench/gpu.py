@@ -20,7 +20,7 @@ from pathlib import Path
 from worker.calibrate import measure
 from worker.errors import ModelLoadError
 from worker.gpu_check import precision
-from worker.model import load_pipeline
+from worker.pipelines.tensor import load_pipeline
 from worker.settings import DEFAULT_MODEL_PATH, Settings
 
 VARIANTS = ("", "-opt", "-fp16")

@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:
 
 from bench.text_inprocess import make_texts  # noqa: E402
 from scripts.build_model import REFERENCE_TEXTS  # noqa: E402
-from worker.text import TextPipeline  # noqa: E402
+from worker.pipelines.text_steps import TextPipeline  # noqa: E402
 
 # (query, its relevant document). The other documents are the distractors of every query.
 RETRIEVAL: tuple[tuple[str, str], ...] = (

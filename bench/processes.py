@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.driver import AMQP_URL, delete_queues, drive
-from producer.names import CONTENT_TYPE_MSGPACK
-from producer.protocol import encode_request
+from producer.wire.names import CONTENT_TYPE_MSGPACK
+from producer.wire.protocol import encode_request
 from tests.models import mlp_model
 from tests.worker_process import WorkerProcess
 

@@ -30,8 +30,8 @@ import numpy as np
 import onnxruntime as ort
 
 from bench.driver import AMQP_URL, baseline, delete_queues, drive
-from producer.names import CONTENT_TYPE_MSGPACK
-from producer.protocol import decode_request, encode_reply, encode_request
+from producer.wire.names import CONTENT_TYPE_MSGPACK
+from producer.wire.protocol import decode_request, encode_reply, encode_request
 from tests.models import mlp_model
 from tests.worker_process import WorkerProcess
 

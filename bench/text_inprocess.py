@@ -8,7 +8,7 @@ RabbitMQ is compared with.
 Texts: a realistic length mix, half short (about 10 tokens) and half long (about 60), shuffled so the two
 kinds arrive interleaved. Without grouping, each batch takes the next ``batch`` texts in arrival order and
 pads to its longest; with grouping, texts are taken ``--window`` at a time (the worker's batching window)
-and split into batches of similar length with ``worker.text.group_by_length``.
+and split into batches of similar length with ``worker.pipelines.text_steps.group_by_length``.
 
 Usage: ``python bench/text_inprocess.py [--model models/all-MiniLM-L6-v2] [--rows 512] [--batch-sizes 1,2,...]``
 """
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from worker.text import TextPipeline, group_by_length, padded_tokens  # noqa: E402
+from worker.pipelines.text_steps import TextPipeline, group_by_length, padded_tokens  # noqa: E402
 
 VOCABULARY = (
     "the of and to in is was for on that with as by at from this it an be are or which his had not but have "

@@ -12,19 +12,49 @@ Importable without ONNX Runtime. The client in ten lines::
             print(reply.outputs)
 
     asyncio.run(main())
+
+The package is layered (see the README's architecture table)::
+
+    client, bulk, loadtest, cli, worker  ->  amqp  ->  wire
+
+Importing ``producer`` loads nothing below it: the names here are imported on first use, so the worker, which
+needs only ``producer.wire`` and ``producer.amqp``, never loads the client or the bulk-job code.
 """
 
-from producer.bulk import BulkJob, BulkOptions, BulkSummary, JobFailedError
-from producer.client import Client, SyncClient
-from producer.errors import (
-    ConnectionLostError,
-    ErrorReplyError,
-    InferenceError,
-    ProtocolError,
-    PublishRefusedError,
-    RequestTimeoutError,
-)
-from producer.protocol import ErrorCode, InferReply
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from producer.bulk import BulkJob, BulkOptions, BulkSummary, JobFailedError
+    from producer.client import Client, SyncClient
+    from producer.wire.errors import (
+        ConnectionLostError,
+        ErrorReplyError,
+        InferenceError,
+        ProtocolError,
+        PublishRefusedError,
+        RequestTimeoutError,
+    )
+    from producer.wire.protocol import ErrorCode, InferReply
+
+_EXPORTS = {
+    "BulkJob": "producer.bulk",
+    "BulkOptions": "producer.bulk",
+    "BulkSummary": "producer.bulk",
+    "JobFailedError": "producer.bulk",
+    "Client": "producer.client",
+    "SyncClient": "producer.client",
+    "ConnectionLostError": "producer.wire.errors",
+    "ErrorReplyError": "producer.wire.errors",
+    "InferenceError": "producer.wire.errors",
+    "ProtocolError": "producer.wire.errors",
+    "PublishRefusedError": "producer.wire.errors",
+    "RequestTimeoutError": "producer.wire.errors",
+    "ErrorCode": "producer.wire.protocol",
+    "InferReply": "producer.wire.protocol",
+}
 
 __all__ = [
     "BulkJob",
@@ -42,3 +72,12 @@ __all__ = [
     "RequestTimeoutError",
     "SyncClient",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'producer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

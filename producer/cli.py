@@ -12,20 +12,20 @@ import aio_pika
 import aiormq.exceptions
 import structlog
 
-from producer import tls, tracing
-from producer.bulk_cli import add_bulk_parser, run_bulk
-from producer.errors import BrokerTlsError
-from producer.loadtest_cli import add_loadtest_parser, run_loadtest
-from producer.messages import request_message
-from producer.names import (
+from producer.amqp import tls, tracing
+from producer.amqp.messages import request_message
+from producer.amqp.urls import broker_url, connect_failure
+from producer.bulk.cli import add_bulk_parser, run_bulk
+from producer.loadtest.cli import add_loadtest_parser, run_loadtest
+from producer.route_cli import add_route_parser, run_route
+from producer.wire.errors import BrokerTlsError
+from producer.wire.names import (
     CONTENT_TYPE_JSON,
     CONTENT_TYPES,
     DEFAULT_AMQP_URL,
     DEFAULT_QUEUE,
     DIRECT_REPLY_TO,
 )
-from producer.route_cli import add_route_parser, run_route
-from producer.urls import broker_url, connect_failure
 
 
 def build_parser() -> argparse.ArgumentParser:

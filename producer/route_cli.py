@@ -7,11 +7,11 @@ import asyncio
 import sys
 from typing import Any
 
-from producer import tls
-from producer.errors import InferenceError
-from producer.names import DEFAULT_AMQP_URL, model_exchange, version_queue
-from producer.routes import drain_version, shares, show_route
-from producer.urls import broker_url
+from producer.amqp import tls
+from producer.amqp.routes import drain_version, shares, show_route
+from producer.amqp.urls import broker_url
+from producer.wire.errors import InferenceError
+from producer.wire.names import DEFAULT_AMQP_URL, model_exchange, version_queue
 
 __all__ = ["add_route_parser", "run_route"]
 

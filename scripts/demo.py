@@ -19,8 +19,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from producer.client import Client
-from producer.names import DEFAULT_AMQP_URL
+from producer.client.rpc import Client
+from producer.wire.names import DEFAULT_AMQP_URL
 from worker.logs import configure_logging
 
 SENTENCES = [

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 import aio_pika
 import pytest
 
-from producer.names import dead_letter_queue
+from producer.wire.names import dead_letter_queue
 
 if TYPE_CHECKING:
     from tests.tls_broker import TlsBroker

@@ -17,10 +17,10 @@ from typing import Any
 import aio_pika
 from opentelemetry.trace import TracerProvider
 
-from producer.names import DIRECT_REPLY_TO, HEADER_DEADLINE_MS, HEADER_PUBLISHED_MS
-from producer.protocol import ErrorReply, InferReply, decode_reply
-from worker.consumer import Worker
-from worker.model import load_pipeline
+from producer.wire.names import DIRECT_REPLY_TO, HEADER_DEADLINE_MS, HEADER_PUBLISHED_MS
+from producer.wire.protocol import ErrorReply, InferReply, decode_reply
+from worker.pipelines.tensor import load_pipeline
+from worker.service import Worker
 from worker.settings import Settings
 
 

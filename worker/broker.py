@@ -13,11 +13,11 @@ from tenacity import (
     wait_exponential,
 )
 
-from producer import tls
-from producer.errors import BrokerTlsError
-from producer.names import dead_letter_queue, request_queue_arguments
-from producer.routes import RouteError, declare_route, set_weight
-from producer.urls import connect_failure
+from producer.amqp import tls
+from producer.amqp.routes import RouteError, declare_route, set_weight
+from producer.amqp.urls import connect_failure
+from producer.wire.errors import BrokerTlsError
+from producer.wire.names import dead_letter_queue, request_queue_arguments
 from worker.errors import BrokerAuthenticationError, BrokerRouteError, BrokerUnavailableError
 from worker.settings import Settings
 

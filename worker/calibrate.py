@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from producer.names import CONTENT_TYPE_MSGPACK
-from producer.protocol import InferRequest, decode_request, encode_reply, encode_request
-from worker.session import Pipeline
+from producer.wire.names import CONTENT_TYPE_MSGPACK
+from producer.wire.protocol import InferRequest, decode_request, encode_reply, encode_request
+from worker.pipelines.session import Pipeline
 
 _VOCABULARY = (
     "the a of to in is was for on that with as by at from this it an be are or which queue worker model batch "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import structlog
 
-from producer.errors import InferenceError
+from producer.wire.errors import InferenceError
 from worker import settings as settings_mod
 from worker import tracing
 from worker.logs import configure_logging
@@ -84,7 +84,7 @@ def _run(settings: settings_mod.Settings) -> int:
 
     processes = resolve_processes(settings)
     if processes == 1:
-        from worker.consumer import Worker
+        from worker.service import Worker
 
         if CHILD_INDEX_ENV in os.environ:  # a supervisor's consumer process: say which in every line
             structlog.contextvars.bind_contextvars(child=int(os.environ[CHILD_INDEX_ENV]))
@@ -98,7 +98,7 @@ def _run(settings: settings_mod.Settings) -> int:
 
 
 def _inspect(model: Path) -> int:
-    from worker.model import load_pipeline
+    from worker.pipelines.tensor import load_pipeline
 
     pipeline = load_pipeline(settings_mod.Settings(model=model, log_level="warning"))
     print(f"model:     {pipeline.name} (version {pipeline.version})")
@@ -121,7 +121,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from worker.calibrate import calibrate
-    from worker.model import load_pipeline
+    from worker.pipelines.tensor import load_pipeline
 
     console = Console()
     sizes = sorted({int(b) for b in args.batch_sizes.split(",")})

@@ -1,8 +1,8 @@
-"""The worker's exception tree (the wire-level ``ProtocolError`` lives in ``producer.errors``)."""
+"""The worker's exception tree (the wire-level ``ProtocolError`` lives in ``producer.wire.errors``)."""
 
 from __future__ import annotations
 
-from producer.errors import InferenceError
+from producer.wire.errors import InferenceError
 
 
 class WorkerError(InferenceError):

@@ -277,7 +277,7 @@ def _cosines(a: Any, b: Any) -> Any:
 def compare_devices(model: Path, reference: Path, rows: int = 32) -> tuple[float, float]:
     """Smallest row cosine between ``model`` on CUDA and ``reference`` (FP32) on the CPU; the bar it must meet."""
     from worker.calibrate import synthetic_requests
-    from worker.model import load_pipeline
+    from worker.pipelines.tensor import load_pipeline
     from worker.settings import Settings
 
     cuda = load_pipeline(Settings(model=model, device="cuda", max_batch=rows, log_level="warning"))

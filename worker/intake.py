@@ -22,15 +22,15 @@ from typing import Any
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
-from producer.errors import ProtocolError
-from producer.names import HEADER_DEADLINE_MS, HEADER_PUBLISHED_MS
-from producer.protocol import ErrorCode, InferRequest, decode_request
+from producer.wire.errors import ProtocolError
+from producer.wire.names import HEADER_DEADLINE_MS, HEADER_PUBLISHED_MS
+from producer.wire.protocol import ErrorCode, InferRequest, decode_request
 from worker.acks import Outcome
+from worker.answering import Replies, clip
 from worker.health import HealthState
 from worker.jobs import Job
 from worker.metrics import WorkerMetrics
-from worker.model import Pipeline
-from worker.replies import Replies, clip
+from worker.pipelines.tensor import Pipeline
 from worker.reply_to import ReplyTo, ReplyToKind, classify
 from worker.scheduler import Scheduler, is_expired
 from worker.settings import Settings

@@ -2,7 +2,7 @@
 (:class:`Piece`) for batches, and one :class:`Reply` per answer.
 
 Data only. Created by ``worker.intake``; split into pieces and batched by ``worker.scheduler``;
-answered by ``worker.replies``; settled by ``worker.settler``.
+answered by ``worker.answering``; settled by ``worker.settler``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 from aio_pika.abc import AbstractIncomingMessage
 from opentelemetry.trace import Span, Tracer
 
-from producer.protocol import InferRequest
+from producer.wire.protocol import InferRequest
 from worker.acks import AckLedger
 from worker.assembly import Assembly
 from worker.reply_to import ReplyTo

@@ -11,7 +11,7 @@ A request's ``reply_to`` comes from whoever published it, so it is hostile input
   node's process, failing every reply in flight beside it. :func:`classify` checks the address's
   structure (base64 of an Erlang external-term pid, then a key) and returns the pid part, so the
   replier can publish the first reply to each pid on a connection of its own (see
-  ``worker.replier``) and trust the pid once the broker accepted it.
+  ``worker.reply_publisher``) and trust the pid once the broker accepted it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import enum
 import re
 import struct
 
-from producer.names import DIRECT_REPLY_TO
+from producer.wire.names import DIRECT_REPLY_TO
 
 MAX_REPLY_TO_CHARS = 255  # an AMQP short string; nothing longer can be a routing key
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from worker.batching import Arrays, run_isolating
-from worker.model import Pipeline, load_pipeline
+from worker.pipelines.tensor import Pipeline, load_pipeline
 from worker.settings import Settings
 
 INLINE_COMPUTE_S = 0.001

@@ -28,14 +28,14 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from producer.protocol import ErrorCode
+from producer.wire.protocol import ErrorCode
+from worker.answering import Replies, clip
 from worker.assembly import Assembly
 from worker.batching import PendingRows
 from worker.health import HealthState
 from worker.jobs import Job, Piece, Reply
 from worker.metrics import WorkerMetrics
-from worker.model import Pipeline
-from worker.replies import Replies, clip
+from worker.pipelines.tensor import Pipeline
 from worker.runner import ModelRunner, RunResult
 from worker.settings import Settings
 from worker.tracing import log_ids, model_run

@@ -15,8 +15,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from producer.errors import BrokerTlsError
-from producer.names import (
+from producer.amqp.tls import TlsOptions, is_tls_url
+from producer.amqp.urls import read_url_file
+from producer.wire.errors import BrokerTlsError
+from producer.wire.names import (
     DEFAULT_AMQP_URL,
     DEFAULT_DELIVERY_LIMIT,
     DEFAULT_QUEUE,
@@ -25,8 +27,6 @@ from producer.names import (
     check_route_name,
     version_queue,
 )
-from producer.tls import TlsOptions, is_tls_url
-from producer.urls import read_url_file
 
 Device = Literal["auto", "cpu", "cuda"]
 LogFormat = Literal["auto", "json", "console"]

@@ -1,7 +1,7 @@
 """The worker's spans: one per request (kind CONSUMER), its steps, and one per model run linked to its requests.
 
 For each delivery the worker extracts the W3C trace context from the message headers (any
-publisher's, see :mod:`producer.tracing`) and records, as children of it::
+publisher's, see :mod:`producer.amqp.tracing`) and records, as children of it::
 
     process <queue>          CONSUMER  delivery -> settled; time in the broker, outcome, error status
       decode                 INTERNAL  decode and validate (tokenize) the request
@@ -18,7 +18,7 @@ Error replies and deadline skips set the request span's status to ERROR. A job c
 hook returns at its first line.
 
 Called by intake (receive, decode), the scheduler (model runs), the replies (reply publish, errors)
-and the settler (end of a request); calls the OpenTelemetry API and :mod:`producer.tracing`.
+and the settler (end of a request); calls the OpenTelemetry API and :mod:`producer.amqp.tracing`.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from opentelemetry.sdk.trace import sampling
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.util.types import Attributes
 
-from producer import tracing as wire
-from producer.names import DIRECT_REPLY_TO
+from producer.amqp import tracing as wire
+from producer.wire.names import DIRECT_REPLY_TO
 from worker.jobs import Job, JobTrace
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ class WorkerTracing:
     Args:
         queue: the request queue (the CONSUMER span's destination).
         provider: the tracer provider; default the global one. Tracing is on when a provider is
-            given or the global one is an SDK provider (see :func:`producer.tracing.configure_from_env`).
+            given or the global one is an SDK provider (see :func:`producer.amqp.tracing.configure_from_env`).
     """
 
     def __init__(self, queue: str, provider: trace.TracerProvider | None = None) -> None:

@@ -2,7 +2,7 @@
 
 The pure parts (:mod:`.profiles`, :mod:`.payloads`, :mod:`.stats`) hold no I/O; :mod:`.runner` talks to
 RabbitMQ with aio-pika directly, for precise timing; :mod:`.report` writes JSON, Markdown, a PNG plot and
-the raw samples. The CLI is ``producer load-test`` (:mod:`producer.loadtest_cli`).
+the raw samples. The CLI is ``producer load-test`` (:mod:`producer.loadtest.cli`).
 """
 
 from __future__ import annotations

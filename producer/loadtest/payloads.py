@@ -16,8 +16,8 @@ from typing import Any, Literal
 import numpy as np
 
 from producer.loadtest.profiles import LoadTestConfigError
-from producer.names import CONTENT_TYPE_MSGPACK, CONTENT_TYPES
-from producer.protocol import DATATYPES, encode_request
+from producer.wire.names import CONTENT_TYPE_MSGPACK, CONTENT_TYPES
+from producer.wire.protocol import DATATYPES, encode_request
 
 PayloadKind = Literal["text", "tensor"]
 

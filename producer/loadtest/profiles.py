@@ -24,7 +24,7 @@ import random
 from collections.abc import Iterator
 from typing import Literal
 
-from producer.errors import InferenceError
+from producer.wire.errors import InferenceError
 
 Mode = Literal["constant", "poisson", "burst", "closed"]
 MODES: tuple[Mode, ...] = ("constant", "poisson", "burst", "closed")

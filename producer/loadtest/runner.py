@@ -28,17 +28,17 @@ import aiohttp
 import aiormq.exceptions
 import msgspec
 
-from producer.coalesce import Coalescer, pack_rows
-from producer.errors import BrokerTlsError, InferenceError
+from producer.amqp.messages import request_message
+from producer.amqp.tls import TlsOptions, https_context
+from producer.amqp.tls import connect as tls_connect
+from producer.amqp.tracing import RoundTrips
+from producer.amqp.urls import connect_failure
+from producer.client.coalesce import Coalescer, pack_rows
 from producer.loadtest.profiles import Profile, send_offsets
 from producer.loadtest.stats import NO_REPLY, OK, PENDING, PUBLISH_FAILED, DepthReading, Sample, timing_entry
-from producer.messages import request_message
-from producer.names import DIRECT_REPLY_TO
-from producer.protocol import decode_request, encode_request
-from producer.tls import TlsOptions, https_context
-from producer.tls import connect as tls_connect
-from producer.tracing import RoundTrips
-from producer.urls import connect_failure
+from producer.wire.errors import BrokerTlsError, InferenceError
+from producer.wire.names import DIRECT_REPLY_TO
+from producer.wire.protocol import decode_request, encode_request
 
 
 class LoadTestError(InferenceError):
@@ -129,7 +129,7 @@ class LoadRunner:
         content_type: the bodies' content type.
         rows: rows per request.
         coalesce_rows: pack requests into messages of up to this many rows while earlier publishes
-            await their confirms (see :mod:`producer.coalesce`); a packed reply answers all its requests
+            await their confirms (see :mod:`producer.client.coalesce`); a packed reply answers all its requests
             alike (its outcome and timing). 1: every request is its own message.
         on_progress: called a few times a second with a :class:`Snapshot` (the live view).
         progress_interval_s: how often ``on_progress`` is called.

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 
 import worker.runner
-from producer.protocol import InferRequest
+from producer.wire.protocol import InferRequest
 from worker.cli import main
-from worker.model import load_pipeline
-from worker.session import Pipeline
+from worker.pipelines.session import Pipeline
+from worker.pipelines.tensor import load_pipeline
 from worker.settings import Settings
 
 CRASH_ENV = "CHAOS_CRASH_ON"

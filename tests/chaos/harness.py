@@ -44,7 +44,7 @@ from urllib.parse import urlparse, urlunparse
 import aio_pika
 import numpy as np
 
-from producer.names import (
+from producer.wire.names import (
     CONTENT_TYPE_JSON,
     CONTENT_TYPE_MSGPACK,
     HEADER_DEADLINE_MS,
@@ -53,7 +53,7 @@ from producer.names import (
     request_queue_arguments,
     results_queue,
 )
-from producer.protocol import ErrorReply, decode_reply, encode_request
+from producer.wire.protocol import ErrorReply, decode_reply, encode_request
 from tests.worker_process import WorkerProcess
 
 CHAOS_VHOST = "qinfer-chaos"
@@ -810,7 +810,7 @@ async def scenario_deadlines(chaos: Chaos) -> Counters:
 
 
 def _rows(requests: list[tuple[str, bytes, str]]) -> int:
-    from producer.protocol import decode_request
+    from producer.wire.protocol import decode_request
 
     return sum(decode_request(body, ct).rows for _, body, ct in requests)
 

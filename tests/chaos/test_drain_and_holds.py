@@ -14,13 +14,13 @@ import aio_pika
 import numpy as np
 import pytest
 
-from producer.names import CONTENT_TYPE_MSGPACK
-from producer.protocol import InferReply, InferRequest, encode_request
+from producer.wire.names import CONTENT_TYPE_MSGPACK
+from producer.wire.protocol import InferReply, InferRequest, encode_request
 from tests.models import affine_model
 from tests.workers import RpcClient, Sent, decoded
 from worker.acks import AckLedger, reply_retry_delay_s
-from worker.consumer import Worker
-from worker.model import load_pipeline
+from worker.pipelines.tensor import load_pipeline
+from worker.service import Worker
 from worker.settings import Settings
 
 

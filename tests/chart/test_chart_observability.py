@@ -12,8 +12,8 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from producer.names import dead_letter_queue
-from producer.tracing import sampler_from_env, tracing_requested
+from producer.amqp.tracing import sampler_from_env, tracing_requested
+from producer.wire.names import dead_letter_queue
 from scripts import build_dashboard
 from tests.chart.helpers import CHART_DIR, INSTALL_TIME_CREDENTIALS, NAMESPACE, Rendered, deep_merge, render
 from worker.metrics import WorkerMetrics

@@ -18,16 +18,16 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
-from producer.bulk import BulkJob, BulkOptions, BulkSummary, JobFailedError, JobLockedError, default_job_id
-from producer.bulk_auth import RequestSigner, load_or_create_secret, state_path
-from producer.jsonl import Row
-from producer.names import (
+from producer.bulk.job import BulkJob, BulkOptions, BulkSummary, JobFailedError, JobLockedError, default_job_id
+from producer.bulk.jsonl import Row
+from producer.bulk.signed_ids import RequestSigner, load_or_create_secret, state_path
+from producer.wire.names import (
     CONTENT_TYPE_JSON,
     dead_letter_queue,
     results_queue,
     results_queue_arguments,
 )
-from producer.protocol import ErrorCode, encode_error, encode_reply
+from producer.wire.protocol import ErrorCode, encode_error, encode_reply
 from tests.models import affine_model
 from tests.worker_process import REPO_ROOT, WorkerProcess, child_env
 
@@ -41,7 +41,7 @@ WIDTH = 4
 _FREEZING_PRODUCER = """
 import asyncio, sys, threading
 from pathlib import Path
-from producer.bulk import BulkJob, BulkOptions
+from producer.bulk.job import BulkJob, BulkOptions
 
 class Freeze:
     def __init__(self, after): self.after, self.rows = after, 0

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from producer import Client, SyncClient
-from producer.errors import ConnectionLostError, ErrorReplyError, PublishRefusedError, RequestTimeoutError
-from producer.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, dead_letter_queue
+from producer.wire.errors import ConnectionLostError, ErrorReplyError, PublishRefusedError, RequestTimeoutError
+from producer.wire.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, dead_letter_queue
 from tests.models import affine_model
 from tests.worker_process import WorkerProcess
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from producer import Client, SyncClient
-from producer.errors import ErrorReplyError, RequestTimeoutError
-from producer.names import dead_letter_queue, request_queue_arguments
+from producer.wire.errors import ErrorReplyError, RequestTimeoutError
+from producer.wire.names import dead_letter_queue, request_queue_arguments
 from tests.models import TEXT_WORDS, affine_model, text_model_folder
 from tests.worker_process import WorkerProcess
 

@@ -20,8 +20,8 @@ import msgspec
 import numpy as np
 import pytest
 
-from producer.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, DIRECT_REPLY_TO, dead_letter_queue
-from producer.protocol import ErrorReply, InferReply, encode_request
+from producer.wire.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, DIRECT_REPLY_TO, dead_letter_queue
+from producer.wire.protocol import ErrorReply, InferReply, encode_request
 from tests.models import affine_model
 from tests.worker_process import WorkerProcess
 from tests.workers import RpcClient, Sent, decoded, running_worker

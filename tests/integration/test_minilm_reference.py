@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from worker.text import TextPipeline
+from worker.pipelines.text_steps import TextPipeline
 
 pytestmark = pytest.mark.slow
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from producer.client import Client
-from producer.errors import BrokerTlsError, ConnectionLostError, ErrorReplyError
-from producer.tls import TlsOptions
+from producer.amqp.tls import TlsOptions
+from producer.client.rpc import Client
+from producer.wire.errors import BrokerTlsError, ConnectionLostError, ErrorReplyError
 from tests.models import affine_model
 from tests.tls_broker import USER, TlsBroker
 from tests.worker_process import REPO_ROOT, LoggedProcess, WorkerProcess, child_env, worker_command

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from producer.names import CONTENT_TYPE_MSGPACK
-from producer.protocol import InferReply, encode_request
+from producer.wire.names import CONTENT_TYPE_MSGPACK
+from producer.wire.protocol import InferReply, encode_request
 from tests.models import mlp_model
 from tests.workers import RpcClient, Sent, decoded
-from worker.consumer import Worker
-from worker.model import load_pipeline
+from worker.pipelines.tensor import load_pipeline
+from worker.service import Worker
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration

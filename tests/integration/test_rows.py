@@ -9,13 +9,13 @@ import aio_pika
 import numpy as np
 import pytest
 
-from producer.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, dead_letter_queue
-from producer.protocol import ErrorReply, InferReply, InferRequest, encode_request
+from producer.wire.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, dead_letter_queue
+from producer.wire.protocol import ErrorReply, InferReply, InferRequest, encode_request
 from tests.chaos.models import POISON_VALUE, poison_model
 from tests.models import TEXT_WORDS, text_model_folder
 from tests.workers import RpcClient, Sent, decoded, running_worker
 from worker.broker import declare_request_queue
-from worker.model import load_pipeline
+from worker.pipelines.tensor import load_pipeline
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration

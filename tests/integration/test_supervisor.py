@@ -16,8 +16,8 @@ import aio_pika
 import numpy as np
 import pytest
 
-from producer.names import CONTENT_TYPE_MSGPACK as MSGPACK
-from producer.protocol import InferReply, encode_request
+from producer.wire.names import CONTENT_TYPE_MSGPACK as MSGPACK
+from producer.wire.protocol import InferReply, encode_request
 from tests.models import mlp_model
 from tests.worker_process import WorkerProcess
 from tests.workers import RpcClient, Sent, decoded

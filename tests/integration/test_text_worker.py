@@ -10,8 +10,8 @@ import aio_pika
 import numpy as np
 import pytest
 
-from producer.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK
-from producer.protocol import ErrorReply, InferReply, encode_request
+from producer.wire.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK
+from producer.wire.protocol import ErrorReply, InferReply, encode_request
 from tests.integration.test_minilm_reference import (  # noqa: F401  (fixtures)
     MIN_COSINE,
     SENTENCES,

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from producer.client import Client
-from producer.errors import BrokerTlsError
-from producer.tls import TlsOptions, connect
+from producer.amqp.tls import TlsOptions, connect
+from producer.client.rpc import Client
+from producer.wire.errors import BrokerTlsError
 from tests.models import affine_model
 from tests.tls_broker import Pki, TlsBroker
 from tests.worker_process import REPO_ROOT, LoggedProcess, WorkerProcess, child_env, worker_command

@@ -19,17 +19,17 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from producer.client import Client
-from producer.errors import ErrorReplyError
-from producer.names import CONTENT_TYPE_MSGPACK, HEADER_DEADLINE_MS
-from producer.protocol import ErrorReply, InferReply, encode_request
+from producer.client.rpc import Client
+from producer.wire.errors import ErrorReplyError
+from producer.wire.names import CONTENT_TYPE_MSGPACK, HEADER_DEADLINE_MS
+from producer.wire.protocol import ErrorReply, InferReply, encode_request
 from tests.integration.test_observability import GatedPipeline
 from tests.models import mlp_model
 from tests.otlp_receiver import OtlpReceiver
 from tests.worker_process import WorkerProcess
 from tests.workers import RpcClient, Sent, decoded, running_worker
-from worker.consumer import Worker
-from worker.model import load_pipeline
+from worker.pipelines.tensor import load_pipeline
+from worker.service import Worker
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration

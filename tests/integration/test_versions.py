@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 
 from producer import Client
-from producer.bulk import BulkJob, BulkOptions, JobFailedError
-from producer.errors import PublishRefusedError
-from producer.messages import request_message
-from producer.names import dead_letter_queue, model_exchange, results_queue, version_queue
-from producer.protocol import encode_request
-from producer.routes import RouteError, declare_route, drain_version, show_route
+from producer.amqp.messages import request_message
+from producer.amqp.routes import RouteError, declare_route, drain_version, show_route
+from producer.bulk.job import BulkJob, BulkOptions, JobFailedError
+from producer.wire.errors import PublishRefusedError
+from producer.wire.names import dead_letter_queue, model_exchange, results_queue, version_queue
+from producer.wire.protocol import encode_request
 from tests.models import affine_model
 from tests.worker_process import WorkerProcess
 from worker.broker import declare_request_queue

@@ -12,8 +12,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from producer.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, dead_letter_queue
-from producer.protocol import ErrorReply, InferReply, encode_request
+from producer.wire.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, dead_letter_queue
+from producer.wire.protocol import ErrorReply, InferReply, encode_request
 from tests.models import affine_model, mlp_model, two_io_model
 from tests.workers import RpcClient, Sent, decoded, running_worker
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from producer.rows import concat_rows, split_rows
+from producer.wire.rows import concat_rows, split_rows
 from worker.batching import PendingRows, Split, run_isolating
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from producer.bulk_auth import (
+from producer.bulk.jsonl import Row
+from producer.bulk.signed_ids import (
     JobStateError,
     RequestSigner,
     UnverifiedReplyError,
@@ -17,7 +18,6 @@ from producer.bulk_auth import (
     load_or_create_secret,
     state_path,
 )
-from producer.jsonl import Row
 
 SECRET = bytes(range(32))
 

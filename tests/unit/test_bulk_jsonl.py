@@ -9,7 +9,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from producer.jsonl import (
+from producer.bulk.jsonl import (
     BadRow,
     Packer,
     Row,
@@ -25,8 +25,8 @@ from producer.jsonl import (
     read_output,
     result_lines,
 )
-from producer.names import CONTENT_TYPE_MSGPACK
-from producer.protocol import InferReply, decode_request, encode_request
+from producer.wire.names import CONTENT_TYPE_MSGPACK
+from producer.wire.protocol import InferReply, decode_request, encode_request
 
 
 def _row(line: int, text: str) -> Row:

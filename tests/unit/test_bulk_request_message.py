@@ -5,8 +5,8 @@ from __future__ import annotations
 import aio_pika
 import pytest
 
-from producer.messages import now_ms, request_message
-from producer.names import CONTENT_TYPE_MSGPACK, DIRECT_REPLY_TO, HEADER_DEADLINE_MS, HEADER_PUBLISHED_MS
+from producer.amqp.messages import now_ms, request_message
+from producer.wire.names import CONTENT_TYPE_MSGPACK, DIRECT_REPLY_TO, HEADER_DEADLINE_MS, HEADER_PUBLISHED_MS
 
 
 def test_timeout_becomes_expiration_and_an_absolute_deadline() -> None:

@@ -11,7 +11,7 @@ import yaml
 from tests.models import two_io_model
 from worker.calibrate import Calibration, calibrate, measure_intake, plan_capacity, synthetic_requests
 from worker.cli import main
-from worker.model import TensorPipeline
+from worker.pipelines.tensor import TensorPipeline
 from worker.settings import Settings
 
 

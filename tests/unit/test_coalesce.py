@@ -8,8 +8,8 @@ from collections import deque
 import numpy as np
 import pytest
 
-from producer.coalesce import Coalescer, lane_key, pack_rows, split_rows, take_rows
-from producer.errors import ProtocolError
+from producer.client.coalesce import Coalescer, lane_key, pack_rows, split_rows, take_rows
+from producer.wire.errors import ProtocolError
 
 
 def test_calls_share_a_lane_only_with_the_same_names_dtypes_and_row_shape() -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from producer.protocol import ErrorCode
+from producer.wire.protocol import ErrorCode
 from worker.settings import SETTINGS
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()

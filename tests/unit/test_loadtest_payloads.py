@@ -9,8 +9,8 @@ import pytest
 
 from producer.loadtest.payloads import TEXT_LENGTH_MIX, PayloadSpec, build_bodies, sample_text
 from producer.loadtest.profiles import LoadTestConfigError
-from producer.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK
-from producer.protocol import decode_request
+from producer.wire.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK
+from producer.wire.protocol import decode_request
 
 
 @pytest.mark.parametrize("content_type", [CONTENT_TYPE_MSGPACK, CONTENT_TYPE_JSON])

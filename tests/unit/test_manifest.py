@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from worker.manifest import MANIFEST_FILE, Manifest, ManifestError, has_manifest, load_manifest
+from worker.pipelines.manifest import MANIFEST_FILE, Manifest, ManifestError, has_manifest, load_manifest
 
 
 @pytest.fixture

@@ -10,13 +10,13 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from producer.errors import CLIP_CHARS, ProtocolError
-from producer.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK
-from producer.protocol import ErrorCode, InferRequest, decode_request, encode_request
+from producer.wire.errors import CLIP_CHARS, ProtocolError
+from producer.wire.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK
+from producer.wire.protocol import ErrorCode, InferRequest, decode_request, encode_request
 from tests.models import affine_model, text_model_folder
-from worker.model import TensorPipeline, load_pipeline
+from worker.pipelines.tensor import TensorPipeline, load_pipeline
+from worker.pipelines.text import TextEmbeddingPipeline
 from worker.settings import Settings
-from worker.text_pipeline import TextEmbeddingPipeline
 
 MAX_ROWS = 8
 

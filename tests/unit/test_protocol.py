@@ -8,9 +8,9 @@ import msgspec
 import numpy as np
 import pytest
 
-from producer.errors import CLIP_CHARS, ProtocolError, clip
-from producer.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK
-from producer.protocol import (
+from producer.wire.errors import CLIP_CHARS, ProtocolError, clip
+from producer.wire.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK
+from producer.wire.protocol import (
     DATATYPES,
     ErrorCode,
     ErrorReply,

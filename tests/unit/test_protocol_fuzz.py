@@ -20,14 +20,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from producer.errors import ProtocolError
-from producer.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK
-from producer.protocol import DATATYPES, decode_reply, decode_request, encode_request
+from producer.wire.errors import ProtocolError
+from producer.wire.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK
+from producer.wire.protocol import DATATYPES, decode_reply, decode_request, encode_request
 from tests.models import TEXT_WORDS, mlp_model, text_model_folder
-from worker.model import TensorPipeline
-from worker.session import Pipeline
+from worker.pipelines.session import Pipeline
+from worker.pipelines.tensor import TensorPipeline
+from worker.pipelines.text import TextEmbeddingPipeline
 from worker.settings import Settings
-from worker.text_pipeline import TextEmbeddingPipeline
 
 T = TypeVar("T")
 

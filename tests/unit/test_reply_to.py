@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from producer.names import DEFAULT_REPLY_TO_PATTERN, DIRECT_REPLY_TO
+from producer.wire.names import DEFAULT_REPLY_TO_PATTERN, DIRECT_REPLY_TO
 from worker.reply_to import ReplyToKind, classify, direct_reply_pid
 
 PATTERN = re.compile(DEFAULT_REPLY_TO_PATTERN)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from producer import Client
-from producer.names import model_exchange, version_of_queue, version_queue
-from producer.routes import VersionState, management_url_for, shares
+from producer.amqp.routes import VersionState, management_url_for, shares
+from producer.wire.names import model_exchange, version_of_queue, version_queue
 from worker.settings import Settings, SettingsError
 
 

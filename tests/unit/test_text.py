@@ -15,11 +15,11 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from producer.errors import ProtocolError
-from producer.protocol import ErrorCode
+from producer.wire.errors import ProtocolError
+from producer.wire.protocol import ErrorCode
 from tests.models import make_tokenizer
-from worker.manifest import MANIFEST_FILE, ManifestError
-from worker.text import (
+from worker.pipelines.manifest import MANIFEST_FILE, ManifestError
+from worker.pipelines.text_steps import (
     TextPipeline,
     group_by_length,
     l2_normalize,

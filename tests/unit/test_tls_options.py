@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from producer.errors import BrokerTlsError
-from producer.tls import TlsOptions, describe_failure, find_tls_error, ssl_context
-from producer.urls import broker_url, read_url_file, redact_argv
+from producer.amqp.tls import TlsOptions, describe_failure, find_tls_error, ssl_context
+from producer.amqp.urls import broker_url, read_url_file, redact_argv
+from producer.wire.errors import BrokerTlsError
 from tests.tls_broker import Pki, make_pki
 from worker.settings import Settings, SettingsError
 

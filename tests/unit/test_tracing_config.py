@@ -6,7 +6,7 @@ import pytest
 from opentelemetry.sdk.trace import sampling
 from opentelemetry.trace import Link, SpanContext, TraceFlags
 
-from producer.tracing import ConfigError, extract_context, sampler_from_env, tracing_requested
+from producer.amqp.tracing import ConfigError, extract_context, sampler_from_env, tracing_requested
 from worker.tracing import LinkedSampler
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import aiormq.exceptions
 import pytest
 
-from producer.urls import connect_failure, redact_url
+from producer.amqp.urls import connect_failure, redact_url
 
 
 @pytest.mark.parametrize(

@@ -141,7 +141,7 @@ WORKER_DEATH_WINDOW_S: {{ $w.deathWindowS | toString | quote }}
 
 {{/*
 The queue the workers consume: worker.queue, or with worker.trafficWeight the version's queue
-(model.NAME.vVERSION, as producer/names.py version_queue derives it).
+(model.NAME.vVERSION, as producer/wire/names.py version_queue derives it).
 */}}
 {{- define "qinfer.requestQueue" -}}
 {{- $w := .Values.worker -}}

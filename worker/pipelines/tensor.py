@@ -1,9 +1,9 @@
 """Tensor models and the choice of pipeline: validation, batching by concatenation, warm-up.
 
-A :class:`Pipeline` (defined in :mod:`worker.session`, re-exported here) turns a list of decoded
+A :class:`Pipeline` (defined in :mod:`worker.pipelines.session`, re-exported here) turns a list of decoded
 requests into one model run and back into one result per request. :class:`TensorPipeline` serves any
 ONNX model whose inputs and outputs are tensors with the batch as their first dimension; text models
-plug in their own pipeline (:mod:`worker.text_pipeline`), and :func:`load_pipeline` picks one.
+plug in their own pipeline (:mod:`worker.pipelines.text`), and :func:`load_pipeline` picks one.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from producer.errors import ProtocolError, clip
-from producer.protocol import ErrorCode, InferRequest, numpy_to_datatype
-from producer.rows import concat_rows, split_rows
+from producer.wire.errors import ProtocolError, clip
+from producer.wire.protocol import ErrorCode, InferRequest, numpy_to_datatype
+from producer.wire.rows import concat_rows, split_rows
 from worker.batching import Arrays
 from worker.errors import ModelLoadError
-from worker.session import Part, Pipeline, TensorSpec, check_rows, choose_providers, open_session, spec_of
+from worker.pipelines.session import Part, Pipeline, TensorSpec, check_rows, choose_providers, open_session, spec_of
 from worker.settings import Settings
 
 __all__ = ["Pipeline", "TensorPipeline", "TensorSpec", "choose_providers", "load_pipeline", "open_session"]
@@ -142,7 +142,7 @@ def load_pipeline(settings: Settings) -> Pipeline:
     if path.is_dir():
         manifest = path / "model.json"
         if manifest.is_file():
-            from worker.text_pipeline import TextEmbeddingPipeline  # imports the tokenizer only when needed
+            from worker.pipelines.text import TextEmbeddingPipeline  # imports the tokenizer only when needed
 
             return TextEmbeddingPipeline.load(path, settings)
         path = path / "model.onnx"

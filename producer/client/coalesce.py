@@ -8,7 +8,7 @@ broker's confirm wait in the lane and leave together, as one request of up to ``
 when the confirm comes. Under light load every call goes alone; under heavy load messages fill up.
 
 Pure helpers (:func:`lane_key`, :func:`pack_rows`, :func:`split_rows`) and the :class:`Coalescer`
-that runs the lanes; the client (``producer.client``) supplies the publish and the replies.
+that runs the lanes; the client (``producer.client.rpc``) supplies the publish and the replies.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from typing import Any, Generic, TypeVar
 import numpy.typing as npt
 import structlog
 
-from producer.errors import ProtocolError
-from producer.protocol import ErrorCode
-from producer.rows import Arrays, concat_rows
-from producer.rows import split_rows as rows_split
+from producer.wire.errors import ProtocolError
+from producer.wire.protocol import ErrorCode
+from producer.wire.rows import Arrays, concat_rows
+from producer.wire.rows import split_rows as rows_split
 
 log = structlog.get_logger(__name__)
 

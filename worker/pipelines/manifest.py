@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from producer.errors import InferenceError
+from producer.wire.errors import InferenceError
 
 __all__ = [
     "MANIFEST_FILE",

@@ -1,7 +1,7 @@
 """Model routes on the broker: declare a model's route, set a version's weight, show a route, drain a version.
 
-A model's route is a consistent-hash exchange (:func:`producer.names.model_exchange`). Each version's
-queue (:func:`producer.names.version_queue`) is bound to it with the version's weight as the binding
+A model's route is a consistent-hash exchange (:func:`producer.wire.names.model_exchange`). Each version's
+queue (:func:`producer.wire.names.version_queue`) is bound to it with the version's weight as the binding
 key; the exchange hashes each request's correlation_id (the request id) onto buckets, ``weight``
 buckets per version, so a version's share of unpinned requests is its weight over the sum of the
 weights, and a request id always lands on the same version while the weights stay the same.
@@ -10,7 +10,7 @@ Why this mechanism: the split happens inside the broker (producers only name the
 operators change weights without touching producers), it is deterministic per request id, and it
 ships with every RabbitMQ distribution. Plain AMQP cannot list bindings, so setting a weight does not
 read the old one: it removes every possible binding of the version (keys 1 to
-:data:`~producer.names.MAX_TRAFFIC_WEIGHT`; removing a binding that does not exist is a no-op) and
+:data:`~producer.wire.names.MAX_TRAFFIC_WEIGHT`; removing a binding that does not exist is a no-op) and
 then binds the new weight. The exchange keeps one set of buckets per destination queue, so two
 bindings of one queue never add up: one binding per version is the rule this keeps. Listing a route
 (:func:`show_route`) needs the management API, which can list bindings.
@@ -33,8 +33,10 @@ import aio_pika.abc
 import aio_pika.exceptions
 import aiormq.exceptions
 
-from producer.errors import InferenceError
-from producer.names import (
+from producer.amqp.tls import TlsOptions
+from producer.amqp.tls import connect as tls_connect
+from producer.wire.errors import InferenceError
+from producer.wire.names import (
     CONSISTENT_HASH_PLUGIN,
     MAX_TRAFFIC_WEIGHT,
     MODEL_ROUTE_ARGUMENTS,
@@ -43,8 +45,6 @@ from producer.names import (
     version_of_queue,
     version_queue,
 )
-from producer.tls import TlsOptions
-from producer.tls import connect as tls_connect
 
 __all__ = [
     "RouteError",

@@ -10,7 +10,7 @@ a publish costs one no-op span and no header. :func:`configure_from_env` install
 process (the ``worker`` and ``producer`` commands call it): nothing is installed unless an exporter
 is configured, so tracing stays off by default.
 
-Shared by ``producer.client``, ``producer.bulk``, ``producer.loadtest.runner`` and the worker.
+Shared by ``producer.client.rpc``, ``producer.bulk.job``, ``producer.loadtest.runner`` and the worker.
 """
 
 from __future__ import annotations

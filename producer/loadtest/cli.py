@@ -11,14 +11,14 @@ import shlex
 import sys
 from pathlib import Path
 
-from producer import tls
-from producer.errors import BrokerTlsError
+from producer.amqp import tls
+from producer.amqp.urls import broker_url, redact_argv, redact_url
 from producer.loadtest.payloads import PayloadSpec, build_bodies
 from producer.loadtest.profiles import MODES, LoadTestConfigError, Profile
 from producer.loadtest.runner import LoadRunner, LoadTestError, Target
 from producer.loadtest.stats import summarize
-from producer.names import CONTENT_TYPE_MSGPACK, CONTENT_TYPES, DEFAULT_AMQP_URL, DEFAULT_QUEUE
-from producer.urls import broker_url, redact_argv, redact_url
+from producer.wire.errors import BrokerTlsError
+from producer.wire.names import CONTENT_TYPE_MSGPACK, CONTENT_TYPES, DEFAULT_AMQP_URL, DEFAULT_QUEUE
 
 _DEFAULTS = Profile()
 

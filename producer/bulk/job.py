@@ -2,23 +2,23 @@
 
 How a job survives restarts:
 
-* Replies go to a durable quorum queue per job (:func:`producer.names.results_queue`), declared
+* Replies go to a durable quorum queue per job (:func:`producer.wire.names.results_queue`), declared
   before the first request, so replies that arrive while the producer is down wait there. The
   queue is never deleted by the job: the broker drops it once it has been unused for
   ``results_ttl_s`` (``x-expires``), so a late reply always finds it.
 * The output file and a small state file beside it (the job's secret,
-  :mod:`producer.bulk_auth`) are the job's other state: a rerun with the same job id skips every
+  :mod:`producer.bulk.signed_ids`) are the job's other state: a rerun with the same job id skips every
   row already in the output, first collects the replies waiting in the results queue, then
   sends the rest.
-* Each request body's ``id`` names its rows (:func:`producer.jsonl.encode_body_id`), so a reply
+* Each request body's ``id`` names its rows (:func:`producer.bulk.jsonl.encode_body_id`), so a reply
   to a request sent before the restart still maps back to its rows. A row is written at most
   once (the output is checked by id) and a run ends only when every row is written, so each
   input row appears in the output exactly once.
 
 Who may write: one run per output file (an advisory ``flock`` on the output, local) and one run
-per job id (an exclusive queue on the broker, :func:`producer.names.job_lock_queue`, freed by the
+per job id (an exclusive queue on the broker, :func:`producer.wire.names.job_lock_queue`, freed by the
 broker when its owner's connection dies, SIGKILL included). A second run refuses at once. What
-is written: only replies whose ids carry the job's HMAC tag (:class:`producer.bulk_auth.RequestSigner`);
+is written: only replies whose ids carry the job's HMAC tag (:class:`producer.bulk.signed_ids.RequestSigner`);
 any other message in the results queue is acked, logged, counted as ``forged`` and dropped.
 
 Model versions: with ``model``, requests go to the model's route, and the whole job is pinned to one
@@ -58,18 +58,11 @@ import aiormq.exceptions
 import structlog
 from opentelemetry import trace
 
-from producer.bulk_auth import (
-    JobStateError,
-    RequestSigner,
-    UnverifiedReplyError,
-    is_private,
-    load_or_create_secret,
-    pinned_version,
-    record_pinned_version,
-    state_path,
-)
-from producer.errors import BrokerTlsError, ConnectionLostError, InferenceError, ProtocolError, PublishRefusedError
-from producer.jsonl import (
+from producer.amqp.messages import request_message
+from producer.amqp.tls import TlsOptions
+from producer.amqp.tls import connect as tls_connect
+from producer.amqp.tracing import start_publish, tracer
+from producer.bulk.jsonl import (
     LINE_KEYED_CODES,
     BadRow,
     Packer,
@@ -83,8 +76,18 @@ from producer.jsonl import (
     read_output,
     result_lines,
 )
-from producer.messages import request_message
-from producer.names import (
+from producer.bulk.signed_ids import (
+    JobStateError,
+    RequestSigner,
+    UnverifiedReplyError,
+    is_private,
+    load_or_create_secret,
+    pinned_version,
+    record_pinned_version,
+    state_path,
+)
+from producer.wire.errors import BrokerTlsError, ConnectionLostError, InferenceError, ProtocolError, PublishRefusedError
+from producer.wire.names import (
     CONTENT_TYPE_MSGPACK,
     DEFAULT_AMQP_URL,
     DEFAULT_QUEUE,
@@ -96,10 +99,7 @@ from producer.names import (
     results_queue_arguments,
     version_queue,
 )
-from producer.protocol import ErrorCode, ErrorReply, decode_reply, encode_request
-from producer.tls import TlsOptions
-from producer.tls import connect as tls_connect
-from producer.tracing import start_publish, tracer
+from producer.wire.protocol import ErrorCode, ErrorReply, decode_reply, encode_request
 
 __all__ = [
     "BulkJob",
@@ -146,7 +146,7 @@ class BulkOptions:
     """What one bulk job does.
 
     Args:
-        input_path: JSONL input (see :mod:`producer.jsonl` for the row format).
+        input_path: JSONL input (see :mod:`producer.bulk.jsonl` for the row format).
         output_path: JSONL output; appended to, and read first to resume.
         queue: request queue the workers consume (not used with ``model``).
         model: send to this model's route instead of ``queue``; the job is pinned to one version.

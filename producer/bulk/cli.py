@@ -22,8 +22,9 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from producer import tls
-from producer.bulk import (
+from producer.amqp import tls
+from producer.amqp.urls import broker_url
+from producer.bulk.job import (
     DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_ROWS_PER_MESSAGE,
     BulkJob,
@@ -31,16 +32,15 @@ from producer.bulk import (
     BulkSummary,
     JobFailedError,
 )
-from producer.errors import BrokerTlsError, InferenceError
-from producer.jsonl import parse_datatypes
-from producer.names import (
+from producer.bulk.jsonl import parse_datatypes
+from producer.wire.errors import BrokerTlsError, InferenceError
+from producer.wire.names import (
     CONTENT_TYPE_MSGPACK,
     CONTENT_TYPES,
     DEFAULT_AMQP_URL,
     DEFAULT_QUEUE,
     DEFAULT_RESULTS_TTL_S,
 )
-from producer.urls import broker_url
 
 __all__ = ["add_bulk_parser", "run_bulk"]
 
@@ -144,7 +144,7 @@ class _ErrorsColumn(ProgressColumn):
 
 
 class _Bar:
-    """A rich progress bar as a :class:`producer.bulk.ProgressSink`."""
+    """A rich progress bar as a :class:`producer.bulk.job.ProgressSink`."""
 
     def __init__(self, progress: Progress, description: str) -> None:
         self._progress = progress

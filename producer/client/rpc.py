@@ -45,16 +45,20 @@ import numpy.typing as npt
 import structlog
 from opentelemetry.trace import TracerProvider
 
-from producer.coalesce import Coalescer, lane_key, pack_rows, split_rows
-from producer.errors import (
+from producer.amqp.messages import request_message
+from producer.amqp.tls import TlsOptions
+from producer.amqp.tls import connect as tls_connect
+from producer.amqp.tracing import RoundTrips
+from producer.amqp.urls import connect_failure
+from producer.client.coalesce import Coalescer, lane_key, pack_rows, split_rows
+from producer.wire.errors import (
     ConnectionLostError,
     ErrorReplyError,
     ProtocolError,
     PublishRefusedError,
     RequestTimeoutError,
 )
-from producer.messages import request_message
-from producer.names import (
+from producer.wire.names import (
     CONTENT_TYPE_MSGPACK,
     DEFAULT_AMQP_URL,
     DEFAULT_QUEUE,
@@ -63,12 +67,8 @@ from producer.names import (
     model_exchange,
     version_queue,
 )
-from producer.protocol import ErrorCode, ErrorReply, InferReply, as_tensor, decode_reply, encode_request
-from producer.rows import Arrays
-from producer.tls import TlsOptions
-from producer.tls import connect as tls_connect
-from producer.tracing import RoundTrips
-from producer.urls import connect_failure
+from producer.wire.protocol import ErrorCode, ErrorReply, InferReply, as_tensor, decode_reply, encode_request
+from producer.wire.rows import Arrays
 
 __all__ = ["Client", "SyncClient"]
 
@@ -127,7 +127,7 @@ class Client:
             for company. Each caller still gets its own reply (its rows, the model version, the
             timing). ``1`` turns packing off.
         tracer_provider: where each call's span goes (default: the global OpenTelemetry provider; see
-            :mod:`producer.tracing`).
+            :mod:`producer.amqp.tracing`).
         model: send to this model's route instead of ``queue``: the broker splits the requests across
             the model's live versions by weight, deterministically per request id, and each reply's
             ``model_version`` says which version answered. A call with an explicit ``request_id`` is
@@ -135,10 +135,10 @@ class Client:
             try did while the weights stay the same).
         version: pin every call to this version of ``model`` (each :meth:`infer` may pin its own).
         tls: for an ``amqps://`` URL: CA bundle, client certificate and key, host name check (default: the
-            system's CAs, host name verified; :meth:`producer.tls.TlsOptions.from_env` reads ``AMQP_CA_FILE``...).
+            system's CAs, host name verified; :meth:`producer.amqp.tls.TlsOptions.from_env` reads ``AMQP_CA_FILE``...).
 
     Use as ``async with Client(...) as client`` or call :meth:`connect` and :meth:`close`. When the
-    connection drops, calls awaiting a reply raise :class:`~producer.errors.ConnectionLostError`;
+    connection drops, calls awaiting a reply raise :class:`~producer.wire.errors.ConnectionLostError`;
     the next call connects again.
     """
 

@@ -3,7 +3,7 @@
 This module owns what belongs to the worker as a whole: start (load and warm the model, open the
 replier's publish connection, start the queue consumer), the HTTP endpoints, the drain on SIGTERM
 (stop consuming, hand back what has not started, finish what has, within the drain timeout) and the
-close. The consume connection, the prefetch window and the readiness watch are ``worker.consuming``'s.
+close. The consume connection, the prefetch window and the readiness watch are ``worker.queue_consumer``'s.
 
 The flow of one request, module by module::
 
@@ -27,17 +27,17 @@ import time
 import structlog
 from opentelemetry.trace import TracerProvider
 
-from producer.tls import is_tls_url
-from producer.urls import redact_url
+from producer.amqp.tls import is_tls_url
+from producer.amqp.urls import redact_url
 from worker.acks import Outcome
-from worker.consuming import QueueConsumer
+from worker.answering import Replies
 from worker.health import HealthState, start_http_server
 from worker.intake import Intake
 from worker.jobs import Job
 from worker.metrics import WorkerMetrics
-from worker.model import Pipeline
-from worker.replier import Replier
-from worker.replies import Replies
+from worker.pipelines.tensor import Pipeline
+from worker.queue_consumer import QueueConsumer
+from worker.reply_publisher import Replier
 from worker.runner import ModelRunner
 from worker.scheduler import Scheduler
 from worker.settings import Settings

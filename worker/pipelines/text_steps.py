@@ -26,9 +26,9 @@ import numpy as np
 import numpy.typing as npt
 from tokenizers import Tokenizer
 
-from producer.errors import ProtocolError, clip
-from producer.protocol import ErrorCode, numpy_to_datatype
-from worker.manifest import Manifest, ManifestError, load_manifest
+from producer.wire.errors import ProtocolError, clip
+from producer.wire.protocol import ErrorCode, numpy_to_datatype
+from worker.pipelines.manifest import Manifest, ManifestError, load_manifest
 
 __all__ = [
     "MODEL_INPUTS",
@@ -271,7 +271,7 @@ class TextPipeline:
     """Tokenization, padding and pooling for one text-embedding model folder.
 
     Args:
-        manifest: the model folder's manifest (:func:`worker.manifest.load_manifest`).
+        manifest: the model folder's manifest (:func:`worker.pipelines.manifest.load_manifest`).
         model_inputs: input names the ONNX model declares (feeds carry only these); default: all of
             :data:`MODEL_INPUTS`. Checked: ``input_ids`` must be among them, and no other names.
         model_outputs: output names the ONNX model declares; when given, the manifest's ``hidden_state``

@@ -9,7 +9,7 @@ import time
 
 import aio_pika
 
-from producer.names import HEADER_DEADLINE_MS, HEADER_PUBLISHED_MS
+from producer.wire.names import HEADER_DEADLINE_MS, HEADER_PUBLISHED_MS
 
 __all__ = ["now_ms", "request_message"]
 
@@ -31,7 +31,7 @@ def request_message(
     """An inference request message.
 
     Args:
-        body: the encoded request (see :func:`producer.protocol.encode_request`).
+        body: the encoded request (see :func:`producer.wire.protocol.encode_request`).
         request_id: becomes the ``correlation_id``; the reply carries it back.
         content_type: ``application/msgpack`` or ``application/json``.
         reply_to: direct reply-to for RPC, or a durable results queue for bulk jobs.

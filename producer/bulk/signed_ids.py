@@ -27,8 +27,8 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-from producer.errors import InferenceError
-from producer.jsonl import Row, decode_body_id, encode_row_keys
+from producer.bulk.jsonl import Row, decode_body_id, encode_row_keys
+from producer.wire.errors import InferenceError
 
 __all__ = [
     "STATE_FILE_SUFFIX",

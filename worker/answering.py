@@ -1,8 +1,8 @@
 """Answering requests: build each reply, publish it, and turn what the broker said into an outcome to settle.
 
 Owns reply building (results, error replies, deadline errors: bounded in size), the mapping from a
-publish's fate (:class:`worker.replier.Published`) to an :class:`worker.acks.Outcome`, and the hold
-and retry of replies the broker refused. Publishing itself is ``worker.replier``'s; settling is
+publish's fate (:class:`worker.reply_publisher.Published`) to an :class:`worker.acks.Outcome`, and the hold
+and retry of replies the broker refused. Publishing itself is ``worker.reply_publisher``'s; settling is
 ``worker.settler``'s.
 
 Called by intake (error replies) and the scheduler (results, deadline errors); calls the replier
@@ -19,13 +19,13 @@ from typing import Any
 
 import structlog
 
-from producer.protocol import ErrorCode, encode_error, encode_reply, reply_content_type
+from producer.wire.protocol import ErrorCode, encode_error, encode_reply, reply_content_type
 from worker.acks import Outcome, reply_retry_delay_s
 from worker.batching import Arrays
 from worker.health import HealthState
 from worker.jobs import Job, Reply
 from worker.metrics import WorkerMetrics
-from worker.replier import Outgoing, Published, Replier
+from worker.reply_publisher import Outgoing, Published, Replier
 from worker.settler import Settler, open_channel
 from worker.tasks import TaskSet
 from worker.tracing import error_reply, log_ids, publishing_reply

@@ -13,7 +13,7 @@ Two encodings, chosen by the AMQP ``content_type``:
 
 Decoding never trusts the body: any malformed, mistyped, oversized (declared shape) or too deeply
 nested body raises :class:`ProtocolError`, and error messages echo input values cut to a bounded
-length (:func:`producer.errors.clip`).
+length (:func:`producer.wire.errors.clip`).
 
 A reply uses the request's encoding. Errors travel as ``{"id", "error": {"code", "message"}}``
 with a code from :class:`ErrorCode`.
@@ -30,8 +30,8 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from producer.errors import CLIP_CHARS, ProtocolError, clip
-from producer.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK
+from producer.wire.errors import CLIP_CHARS, ProtocolError, clip
+from producer.wire.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK
 
 __all__ = [
     "DATATYPES",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import aiormq.exceptions
 
-from producer.names import DEFAULT_AMQP_URL
+from producer.wire.names import DEFAULT_AMQP_URL
 
 __all__ = ["broker_url", "connect_failure", "read_url_file", "redact_argv", "redact_url"]
 

@@ -14,7 +14,7 @@ Output, one JSON object per input row::
     {"id": null, "line": 3, "error": {"code": "invalid_json", "message": "..."}}
 
 ``line`` is the 1-based input line number. Error codes are the worker's
-(:class:`producer.protocol.ErrorCode`) or the producer's own (:class:`RowErrorCode`).
+(:class:`producer.wire.protocol.ErrorCode`) or the producer's own (:class:`RowErrorCode`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from producer.protocol import DATATYPES, ErrorCode, InferReply
+from producer.wire.protocol import DATATYPES, ErrorCode, InferReply
 
 __all__ = [
     "BadRow",

@@ -7,7 +7,7 @@ broker (default: the system's CA store), an optional client certificate and key 
 the broker's host name checked against its certificate (on unless explicitly turned off, which is
 logged as a warning each time a context is built).
 
-A failed handshake becomes one :class:`~producer.errors.BrokerTlsError` whose message says what was
+A failed handshake becomes one :class:`~producer.wire.errors.BrokerTlsError` whose message says what was
 wrong (unknown CA, expired certificate, host name mismatch, client certificate missing or refused)
 and what to change. A broker that refuses a client certificate under TLS 1.3 does so after the
 handshake, so the client only sees the connection reset; a short probe connection (:func:`probe`)
@@ -36,7 +36,7 @@ import aiormq.exceptions
 import structlog
 from yarl import URL
 
-from producer.errors import BrokerTlsError
+from producer.wire.errors import BrokerTlsError
 
 __all__ = [
     "TlsOptions",

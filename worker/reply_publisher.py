@@ -32,8 +32,8 @@ import aiormq.exceptions
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractRobustConnection, DeliveryMode
 
-from producer.tls import TlsOptions
-from producer.tls import connect as tls_connect
+from producer.amqp.tls import TlsOptions
+from producer.amqp.tls import connect as tls_connect
 from worker.broker import connect
 from worker.reply_to import ReplyTo, ReplyToKind
 

@@ -1,6 +1,6 @@
 """What every pipeline shares: tensor specs, the :class:`Pipeline` protocol, and ONNX Runtime sessions.
 
-:mod:`worker.model` (tensor models) and :mod:`worker.text_pipeline` (text models) both build on this
+:mod:`worker.pipelines.tensor` (tensor models) and :mod:`worker.pipelines.text` (text models) both build on this
 module; it depends on neither, so the two pipelines do not import each other.
 """
 
@@ -15,8 +15,8 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 import onnxruntime as ort
 
-from producer.errors import ProtocolError
-from producer.protocol import DATATYPES, ErrorCode, InferRequest
+from producer.wire.errors import ProtocolError
+from producer.wire.protocol import DATATYPES, ErrorCode, InferRequest
 from worker.batching import Arrays
 from worker.errors import ModelLoadError
 from worker.settings import Settings

@@ -1,7 +1,7 @@
 """Rows of several requests as one tensor and back: the first dimension is rows. Pure.
 
-The client packs calls into one request with these (``producer.coalesce``), and the worker packs
-requests into one model run (``worker.model``): the same operation on both sides of the queue.
+The client packs calls into one request with these (``producer.client.coalesce``), and the worker packs
+requests into one model run (``worker.pipelines.tensor``): the same operation on both sides of the queue.
 """
 
 from __future__ import annotations

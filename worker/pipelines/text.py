@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from producer.errors import ProtocolError, clip
-from producer.protocol import ErrorCode, InferRequest
+from producer.wire.errors import ProtocolError, clip
+from producer.wire.protocol import ErrorCode, InferRequest
 from worker.batching import Arrays
-from worker.manifest import ManifestError, load_manifest
-from worker.session import Part, TensorSpec, check_rows, open_session
+from worker.pipelines.manifest import ManifestError, load_manifest
+from worker.pipelines.session import Part, TensorSpec, check_rows, open_session
+from worker.pipelines.text_steps import IdArray, TextPipeline, texts_from_tensor
 from worker.settings import Settings
-from worker.text import IdArray, TextPipeline, texts_from_tensor
 
 DEFAULT_MAX_TEXT_BYTES = Settings.max_text_bytes
 """Most UTF-8 bytes per text when no bound is given (the default of ``WORKER_MAX_TEXT_BYTES``)."""
@@ -37,7 +37,7 @@ class Tokenized:
 
 
 class TextEmbeddingPipeline:
-    """The worker's pipeline for a ``text-embedding`` model folder (see ``worker.manifest``)."""
+    """The worker's pipeline for a ``text-embedding`` model folder (see ``worker.pipelines.manifest``)."""
 
     def __init__(
         self, text: TextPipeline, session: Any, *, group_by_length: bool, max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES
@@ -46,7 +46,7 @@ class TextEmbeddingPipeline:
 
         Args:
             text: the model folder's text pipeline.
-            session: an ONNX Runtime session of the model (see :func:`worker.session.open_session`).
+            session: an ONNX Runtime session of the model (see :func:`worker.pipelines.session.open_session`).
             group_by_length: let the batcher put texts of similar token length together.
             max_text_bytes: most UTF-8 bytes per text, checked before tokenizing (``WORKER_MAX_TEXT_BYTES``,
                 default 64 KiB); a longer text gets ``text_too_long``.

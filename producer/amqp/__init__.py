@@ -1,0 +1,5 @@
+"""The AMQP layer both sides share: connections and TLS, broker URLs, request messages, trace context, routes.
+
+Built on :mod:`producer.wire`; used by the client, bulk jobs, the load test, the CLI and the worker. Nothing here
+imports the client or bulk code.
+"""

@@ -1,0 +1,6 @@
+"""What serves a model folder: ONNX Runtime sessions, the model manifest, and the tensor and text pipelines.
+
+:mod:`.session` (tensor specs, the ``Pipeline`` protocol, sessions), :mod:`.manifest` (``model.json``),
+:mod:`.tensor` (tensor models, and :func:`~worker.pipelines.tensor.load_pipeline`, which picks a pipeline for a
+folder), :mod:`.text` (text-embedding models) with its pure steps in :mod:`.text_steps`.
+"""
