@@ -27,8 +27,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from producer.bulk import BulkJob, BulkOptions, BulkSummary, JobFailedError
-    from producer.client import Client, SyncClient
+    from producer.bulk.job import BulkJob, BulkOptions, BulkSummary, JobFailedError
+    from producer.client.rpc import Client, SyncClient
     from producer.wire.errors import (
         ConnectionLostError,
         ErrorReplyError,
@@ -37,15 +37,16 @@ if TYPE_CHECKING:
         PublishRefusedError,
         RequestTimeoutError,
     )
+    from producer.wire.metadata import ModelMetadata
     from producer.wire.protocol import ErrorCode, InferReply
 
 _EXPORTS = {
-    "BulkJob": "producer.bulk",
-    "BulkOptions": "producer.bulk",
-    "BulkSummary": "producer.bulk",
-    "JobFailedError": "producer.bulk",
-    "Client": "producer.client",
-    "SyncClient": "producer.client",
+    "BulkJob": "producer.bulk.job",
+    "BulkOptions": "producer.bulk.job",
+    "BulkSummary": "producer.bulk.job",
+    "JobFailedError": "producer.bulk.job",
+    "Client": "producer.client.rpc",
+    "SyncClient": "producer.client.rpc",
     "ConnectionLostError": "producer.wire.errors",
     "ErrorReplyError": "producer.wire.errors",
     "InferenceError": "producer.wire.errors",
@@ -54,6 +55,7 @@ _EXPORTS = {
     "RequestTimeoutError": "producer.wire.errors",
     "ErrorCode": "producer.wire.protocol",
     "InferReply": "producer.wire.protocol",
+    "ModelMetadata": "producer.wire.metadata",
 }
 
 __all__ = [
@@ -67,6 +69,7 @@ __all__ = [
     "InferReply",
     "InferenceError",
     "JobFailedError",
+    "ModelMetadata",
     "ProtocolError",
     "PublishRefusedError",
     "RequestTimeoutError",

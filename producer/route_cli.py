@@ -10,6 +10,7 @@ from typing import Any
 from producer.amqp import tls
 from producer.amqp.routes import drain_version, shares, show_route
 from producer.amqp.urls import broker_url
+from producer.cli_help import EXAMPLES, ExamplesFormatter, examples_epilog
 from producer.wire.errors import InferenceError
 from producer.wire.names import DEFAULT_AMQP_URL, model_exchange, version_queue
 
@@ -28,8 +29,8 @@ def add_route_parser(subparsers: Any) -> argparse.ArgumentParser:
         "route",
         help="show a model's versions, weights, queue depths and consumers; drain a removed version",
         description="Inspect and maintain a model's route (the broker's split of its requests across versions).",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=examples_epilog(EXAMPLES["route"], before=_EPILOG),
+        formatter_class=ExamplesFormatter,
     )
     actions = route.add_subparsers(dest="route_action", required=True, metavar="ACTION")
     show = actions.add_parser("show", help="print each version: weight, share, ready requests, consumers")

@@ -104,6 +104,10 @@ class Replies:
             )
         return Reply(job, body, content_type, "ok")
 
+    def prebuilt(self, job: Job, body: bytes, content_type: str, outcome_label: str) -> Reply:
+        """A reply whose body is already encoded (a metadata reply); ``outcome_label`` names it in metrics."""
+        return Reply(job, body, content_type, outcome_label)
+
     def error(self, job: Job, code: str, message: str) -> Reply:
         """An error reply; the message is cut to :data:`MAX_ERROR_CHARS` whatever the raiser echoed."""
         if len(message) > MAX_ERROR_CHARS:

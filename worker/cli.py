@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,54 @@ from worker import settings as settings_mod
 from worker import tracing
 from worker.logs import configure_logging
 
+_EXAMPLES = {
+    "run": """\
+examples:
+  # serve the default text model from the queue "inference" on a local broker
+  worker run
+  # a tensor model, batches of up to 32 rows, waiting at most 2 ms to fill one
+  worker run --model model.onnx --queue mlp --max-batch 32 --max-delay-ms 2
+  # version 2 of model minilm with a tenth of its unpinned requests
+  worker run --model-name minilm --model-version 2 --traffic-weight 10
+""",
+    "inspect": """\
+examples:
+  # the inputs and outputs requests must carry, and what the worker does with them
+  worker inspect models/all-MiniLM-L6-v2
+""",
+    "calibrate": """\
+examples:
+  # throughput by batch size for the default model on this machine
+  worker calibrate
+  # a tensor model whose producers pack 16 rows per message
+  worker calibrate model.onnx --rows-per-message 16
+""",
+}
+
+
+class _ExamplesFormatter(argparse.HelpFormatter):
+    """Wraps the description as usual; prints the ``examples:`` epilog as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return text if text.startswith("examples:") else super()._fill_text(text, width, indent)
+
+
+def version_line() -> str:
+    """``worker 0.1.0 (onnxruntime 1.20.1)``: this package's version and ONNX Runtime's, from package metadata
+    (neither is imported, so ``--version`` answers at once)."""
+    ort = "not installed"
+    for distribution in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            ort = importlib.metadata.version(distribution)
+            break
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    try:
+        own = importlib.metadata.version("qinfer")
+    except importlib.metadata.PackageNotFoundError:
+        own = "unknown"
+    return f"worker {own} (onnxruntime {ort})"
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -22,21 +71,31 @@ def build_parser() -> argparse.ArgumentParser:
         description="Consume inference requests from RabbitMQ, run them in batches through ONNX Runtime, "
         "and reply to each request's reply_to.",
     )
+    parser.add_argument("--version", action="version", version=version_line())
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser(
         "run",
         help="consume a queue and serve a model",
         description="Consume a request queue and serve a model. Every flag has an environment variable; "
         "flags win. Stops cleanly on SIGTERM/SIGINT (drain).",
+        epilog=_EXAMPLES["run"],
+        formatter_class=_ExamplesFormatter,
     )
     settings_mod.add_arguments(run)
-    inspect = commands.add_parser("inspect", help="print what the worker would do with a model")
+    inspect = commands.add_parser(
+        "inspect",
+        help="print what the worker would do with a model",
+        epilog=_EXAMPLES["inspect"],
+        formatter_class=_ExamplesFormatter,
+    )
     inspect.add_argument("model", type=Path, help="ONNX file or model folder")
     calibrate = commands.add_parser(
         "calibrate",
         help="measure throughput by batch size here; suggest --max-batch, --prefetch and the KEDA target",
         description="Run the model in this process (no broker) on synthetic requests at each batch size, and "
         "derive --max-batch, --prefetch and the KEDA targetQueueLength from the measured throughput.",
+        epilog=_EXAMPLES["calibrate"],
+        formatter_class=_ExamplesFormatter,
     )
     calibrate.add_argument("model", type=Path, nargs="?", default=Path(settings_mod.DEFAULT_MODEL_PATH),
                            help="ONNX file or model folder (default: %(default)s)")  # fmt: skip

@@ -2,7 +2,8 @@
 
 For each delivery, in order of cost: record it in the ack ledger; classify its reply_to (a request
 nobody may be answered for is dead-lettered); hand it back if the worker is draining; answer it at
-once if its deadline passed or its body is over ``WORKER_MAX_MESSAGE_BYTES``; then decode and
+once if its deadline passed or its body is over ``WORKER_MAX_MESSAGE_BYTES``; answer a metadata request
+(``x-qinfer-kind: metadata``) with the model's metadata, no model run; then decode and
 prepare it (validate, tokenize), on the event loop for small bodies and in the intake thread for
 large ones, and queue it for a batch. Whatever is raised on the way ends in an error reply (or a
 dead-letter): no delivery is ever left unsettled.
@@ -23,12 +24,14 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
 from producer.wire.errors import ProtocolError
+from producer.wire.metadata import MAX_METADATA_REQUEST_BYTES, is_metadata_request
 from producer.wire.names import HEADER_DEADLINE_MS, HEADER_PUBLISHED_MS
 from producer.wire.protocol import ErrorCode, InferRequest, decode_request
 from worker.acks import Outcome
 from worker.answering import Replies, clip
 from worker.health import HealthState
 from worker.jobs import Job
+from worker.metadata import MetadataReplies
 from worker.metrics import WorkerMetrics
 from worker.pipelines.tensor import Pipeline
 from worker.reply_to import ReplyTo, ReplyToKind, classify
@@ -94,6 +97,7 @@ class Intake:
         self._reply_to_seen: dict[str | None, ReplyTo] = {}
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="intake")
         self._tracing = tracing or WorkerTracing(settings.queue)
+        self._metadata = MetadataReplies(pipeline, settings)
 
     def shutdown(self) -> None:
         """Stop the intake thread; requests it had not started are settled by the drain or the channel close."""
@@ -182,7 +186,23 @@ class Intake:
                 f"the request body is {size} bytes; this worker accepts at most {self._settings.max_message_bytes} "
                 "(split the request into smaller ones, or raise WORKER_MAX_MESSAGE_BYTES)",
             )
+        if is_metadata_request(message.headers):
+            self._answer_metadata(job)
+            return False
         return True
+
+    def _answer_metadata(self, job: Job) -> None:
+        """Answer a metadata request with the model's metadata (no model run); settled like any reply."""
+        size = len(job.message.body)
+        if size > MAX_METADATA_REQUEST_BYTES:
+            raise ProtocolError(
+                ErrorCode.MESSAGE_TOO_LARGE,
+                f"a metadata request carries no body; this one has {size} bytes "
+                f"(at most {MAX_METADATA_REQUEST_BYTES} accepted)",
+            )
+        body, content_type = self._metadata.body(job.message.content_type)
+        log.debug("metadata_request", request_id=clip(job.request_id))
+        self._replies.send_soon([self._replies.prebuilt(job, body, content_type, "metadata")])
 
     def _classify(self, reply_to: str | None) -> ReplyTo:
         """:func:`classify`, remembered for the last few thousand distinct values."""

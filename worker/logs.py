@@ -1,4 +1,8 @@
-"""structlog set-up: JSON lines in containers, readable console output on a terminal."""
+"""structlog set-up: JSON lines in containers, readable console output on a terminal.
+
+The worker's own events (structlog) and the library's (``producer.amqp.logs``: standard ``logging`` under
+``qinfer.*``, e.g. the route and TLS events) go through one renderer. Called by ``worker.cli``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import sys
 
 import structlog
 from opentelemetry import trace
+
+from producer.amqp.logs import add_library_fields
 
 
 def add_trace_ids(_logger: object, _method: str, event_dict: structlog.typing.EventDict) -> structlog.typing.EventDict:
@@ -45,7 +51,7 @@ def configure_logging(*, log_format: str = "auto", level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=shared,
+            foreign_pre_chain=[add_library_fields, *shared],  # the client/route/TLS events as key/values
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 *([structlog.processors.format_exc_info] if use_json else []),

@@ -56,7 +56,7 @@ class WorkerMetrics:
         r = self.registry
         self.requests = Counter(
             "qinfer_requests_total",
-            "Requests finished, by outcome (ok, an error code, dead_lettered, requeued)",
+            "Requests finished, by outcome (ok, metadata, an error code, dead_lettered, requeued)",
             ["outcome"],
             registry=r,
         )

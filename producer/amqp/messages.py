@@ -9,9 +9,9 @@ import time
 
 import aio_pika
 
-from producer.wire.names import HEADER_DEADLINE_MS, HEADER_PUBLISHED_MS
+from producer.wire.names import HEADER_DEADLINE_MS, HEADER_KIND, HEADER_PUBLISHED_MS, KIND_METADATA
 
-__all__ = ["now_ms", "request_message"]
+__all__ = ["metadata_message", "now_ms", "request_message"]
 
 
 def now_ms() -> int:
@@ -58,3 +58,19 @@ def request_message(
         expiration=None if expiration_ms is None else (expiration_ms + 0.5) / 1000,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,
     )
+
+
+def metadata_message(request_id: str, *, content_type: str, reply_to: str, timeout_s: float) -> aio_pika.Message:
+    """A model metadata request (see :mod:`producer.wire.metadata`): empty body, ``x-qinfer-kind: metadata``.
+
+    Args:
+        request_id: the correlation id the reply carries back.
+        content_type: the encoding wanted for the reply (``application/msgpack`` or ``application/json``).
+        reply_to: where the reply goes (direct reply-to for RPC).
+        timeout_s: the request's deadline, as for an inference request.
+    """
+    message = request_message(
+        b"", request_id=request_id, content_type=content_type, reply_to=reply_to, timeout_s=timeout_s
+    )
+    message.headers[HEADER_KIND] = KIND_METADATA
+    return message

@@ -33,6 +33,7 @@ import aio_pika.abc
 import aio_pika.exceptions
 import aiormq.exceptions
 
+from producer.amqp.logs import get_logger
 from producer.amqp.tls import TlsOptions
 from producer.amqp.tls import connect as tls_connect
 from producer.wire.errors import InferenceError
@@ -56,6 +57,8 @@ __all__ = [
     "shares",
     "show_route",
 ]
+
+log = get_logger("routes")
 
 DEFAULT_MANAGEMENT_PORT = 15672
 
@@ -125,6 +128,7 @@ async def set_weight(channel: aio_pika.abc.AbstractChannel, model: str, version:
             f"model {model!r} has no route or no version {version!r} (queue {queue!r}): a worker started with "
             f"--model-name {model} --model-version {version} --traffic-weight W declares both. Broker: {e}"
         ) from e
+    log.info("route_weight_set", model=model, version=version, weight=weight)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -336,4 +340,5 @@ async def drain_version(
             declared = await channel.declare_queue(queue_name, passive=True)
             if (declared.declaration_result.message_count or 0) == 0:
                 await channel.queue_delete(queue_name, if_unused=False, if_empty=False)
+    log.info("route_version_drained", model=model, version=version, moved=moved, deleted=delete)
     return moved

@@ -33,9 +33,9 @@ from typing import Any
 import aio_pika
 import aio_pika.abc
 import aiormq.exceptions
-import structlog
 from yarl import URL
 
+from producer.amqp.logs import get_logger
 from producer.wire.errors import BrokerTlsError
 
 __all__ = [
@@ -52,7 +52,7 @@ __all__ = [
     "ssl_context",
 ]
 
-log = structlog.get_logger(__name__)
+log = get_logger("tls")
 
 ENV_CA_FILE = "AMQP_CA_FILE"
 ENV_CERT_FILE = "AMQP_CERT_FILE"

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from pathlib import Path
 from typing import Any
 
-import structlog
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -23,6 +21,7 @@ from rich.progress import (
 from rich.text import Text
 
 from producer.amqp import tls
+from producer.amqp.logs import configure_cli
 from producer.amqp.urls import broker_url
 from producer.bulk.job import (
     DEFAULT_MAX_IN_FLIGHT,
@@ -192,12 +191,7 @@ def _print_summary(summary: BulkSummary, output: Path, console: Console) -> None
 def run_bulk(args: argparse.Namespace) -> int:
     """Run ``producer bulk`` with parsed arguments; returns the exit status."""
     err = Console(stderr=True)
-    if not structlog.is_configured():
-        # The progress bar and the summary speak for the job; log events only for problems.
-        structlog.configure(
-            wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-            logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        )
+    configure_cli()  # the progress bar and the summary speak for the job; log events only for problems
     try:
         default_datatype, datatypes = parse_datatypes(args.datatype)
         options = BulkOptions(

@@ -55,9 +55,9 @@ import aio_pika
 import aio_pika.abc
 import aio_pika.exceptions
 import aiormq.exceptions
-import structlog
 from opentelemetry import trace
 
+from producer.amqp.logs import get_logger
 from producer.amqp.messages import request_message
 from producer.amqp.tls import TlsOptions
 from producer.amqp.tls import connect as tls_connect
@@ -111,7 +111,7 @@ __all__ = [
     "default_job_id",
 ]
 
-log = structlog.get_logger(__name__)
+log = get_logger("bulk")
 
 DEFAULT_ROWS_PER_MESSAGE = 64  # measured: bench/bulk_rows_per_message.py; the default worker --max-batch
 DEFAULT_MAX_IN_FLIGHT = 64

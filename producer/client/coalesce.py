@@ -19,14 +19,14 @@ from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 import numpy.typing as npt
-import structlog
 
+from producer.amqp.logs import get_logger
 from producer.wire.errors import ProtocolError
 from producer.wire.protocol import ErrorCode
 from producer.wire.rows import Arrays, concat_rows
 from producer.wire.rows import split_rows as rows_split
 
-log = structlog.get_logger(__name__)
+log = get_logger("coalesce")
 
 C = TypeVar("C")
 

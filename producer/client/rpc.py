@@ -21,6 +21,7 @@ Example::
         reply = await client.infer_text(["hello"])               # any live version, by weight
         print(reply.model_version)                               # the version that answered
         reply = await client.infer_text(["hello"], version="2")  # pinned to version 2
+        meta = await client.metadata(version="2")                # what version 2 takes (no model run)
 
 :class:`SyncClient` offers the same calls to plain synchronous scripts.
 """
@@ -42,10 +43,10 @@ import aio_pika.exceptions
 import aiormq.exceptions
 import numpy as np
 import numpy.typing as npt
-import structlog
 from opentelemetry.trace import TracerProvider
 
-from producer.amqp.messages import request_message
+from producer.amqp.logs import get_logger
+from producer.amqp.messages import metadata_message, request_message
 from producer.amqp.tls import TlsOptions
 from producer.amqp.tls import connect as tls_connect
 from producer.amqp.tracing import RoundTrips
@@ -58,6 +59,7 @@ from producer.wire.errors import (
     PublishRefusedError,
     RequestTimeoutError,
 )
+from producer.wire.metadata import ModelMetadata, decode_metadata
 from producer.wire.names import (
     CONTENT_TYPE_MSGPACK,
     DEFAULT_AMQP_URL,
@@ -72,7 +74,7 @@ from producer.wire.rows import Arrays
 
 __all__ = ["Client", "SyncClient"]
 
-log = structlog.get_logger(__name__)
+log = get_logger("client")
 
 T = TypeVar("T")
 
@@ -177,6 +179,7 @@ class Client:
         self._connection: aio_pika.abc.AbstractConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._pending: dict[str, asyncio.Future[InferReply | ErrorReply]] = {}
+        self._metadata_pending: dict[str, asyncio.Future[bytes]] = {}  # raw bodies: decoded by metadata()
         self._connect_lock = asyncio.Lock()
         self.coalesce_rows = coalesce_rows
         self._coalescer: Coalescer[_Call] | None = (
@@ -248,12 +251,21 @@ class Client:
 
     def _fail_pending(self, error: Exception) -> None:
         pending, self._pending = self._pending, {}
+        metadata, self._metadata_pending = self._metadata_pending, {}
         for future in pending.values():
             if not future.done():
                 future.set_exception(error)
+        for asked in metadata.values():
+            if not asked.done():
+                asked.set_exception(error)
 
     async def _on_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         self._traces.reply_arrived(message.correlation_id, message.headers)
+        asked = self._metadata_pending.pop(message.correlation_id or "", None)
+        if asked is not None:
+            if not asked.done():
+                asked.set_result(message.body)
+            return
         future = self._pending.pop(message.correlation_id or "", None)
         if future is None or future.done():
             log.debug("client_late_reply", request_id=message.correlation_id)
@@ -501,6 +513,48 @@ class Client:
             version=version,
         )
 
+    async def metadata(
+        self, *, timeout_s: float | None = None, queue: str | None = None, version: str | None = None
+    ) -> ModelMetadata:
+        """Ask a worker what its model takes and returns (OIP model metadata); costs no model run.
+
+        Goes where :meth:`infer` would: the queue, a pinned version's queue, or the model's route (any
+        live version answers; ``versions`` says which).
+
+        Args:
+            timeout_s, queue, version: as for :meth:`infer`.
+
+        Raises:
+            RequestTimeoutError, ErrorReplyError, PublishRefusedError, ConnectionLostError: as for :meth:`infer`.
+            ProtocolError: the reply is not model metadata (a worker older than metadata requests).
+        """
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        exchange, routing_key = self._target(queue, version)
+        request_id = uuid.uuid4().hex
+        message = metadata_message(
+            request_id, content_type=self.content_type, reply_to=DIRECT_REPLY_TO, timeout_s=timeout_s
+        )
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout_s):
+                if not self.is_connected:
+                    await self.connect()
+                assert self._channel is not None
+                self._metadata_pending[request_id] = future
+                await self._publish(self._channel, message, exchange, routing_key)
+                body = await future
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"no metadata reply from {_where(exchange, routing_key)} within {timeout_s:g} s"
+            ) from None
+        finally:
+            self._metadata_pending.pop(request_id, None)
+        reply = decode_metadata(body, self.content_type)
+        if isinstance(reply, ErrorReply):
+            raise ErrorReplyError(reply.id or request_id, reply.code, reply.message)
+        log.debug("client_metadata", model=reply.name, versions=reply.versions)
+        return reply
+
     def _target(self, queue: str | None, version: str | None) -> tuple[str, str]:
         """The exchange and routing key of a call: a queue, a pinned version's queue, or a model's route."""
         version = version or self.version
@@ -593,6 +647,10 @@ class SyncClient:
     def infer_text(self, texts: Sequence[str], **kwargs: Any) -> InferReply:
         """Blocking :meth:`Client.infer_text` (same arguments and exceptions)."""
         return self._run(self._client.infer_text(texts, **kwargs))
+
+    def metadata(self, **kwargs: Any) -> ModelMetadata:
+        """Blocking :meth:`Client.metadata` (same arguments and exceptions)."""
+        return self._run(self._client.metadata(**kwargs))
 
     def close(self) -> None:
         """Close the connection and stop the client's thread (idempotent)."""

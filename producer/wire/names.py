@@ -23,6 +23,11 @@ HEADER_DEADLINE_MS = "x-deadline-ms"
 """Absolute deadline, milliseconds since the Unix epoch; past it the request is never computed."""
 HEADER_PUBLISHED_MS = "x-published-ms"
 """Publish time, milliseconds since the Unix epoch; lets the worker measure time spent in the broker."""
+HEADER_KIND = "x-qinfer-kind"
+"""What a request asks for when it is not an inference: absent for an inference request."""
+KIND_METADATA = "metadata"
+"""``x-qinfer-kind`` of a model metadata request: answered with the model's metadata, no model run
+(see :mod:`producer.wire.metadata`)."""
 
 # The rabbitmq header that counts redeliveries on quorum queues.
 HEADER_DELIVERY_COUNT = "x-delivery-count"

@@ -86,6 +86,8 @@ class TextEmbeddingPipeline:
         pipeline = cls(text, session, group_by_length=settings.group_by_length, max_text_bytes=settings.max_text_bytes)
         if settings.model_name:
             pipeline.name = settings.model_name
+        if settings.routed:  # a version of a model's route: the version is the worker's, as for tensor models
+            pipeline.version = settings.model_version
         return pipeline
 
     def prepare(self, request: InferRequest, *, max_rows: int) -> Tokenized:
