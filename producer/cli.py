@@ -217,13 +217,11 @@ def _failed(error: BaseException, *, url: str, queue: str, timeout_s: float) -> 
             if isinstance(error, RequestTimeoutError)
             else f"no reply within {timeout_s:g} s; is a worker consuming {queue!r}?"
         )
-    elif code is ExitCode.UNROUTABLE:
-        reason = (
-            str(error)
-            if not isinstance(error, aio_pika.exceptions.DeliveryError)
-            else (f"the broker refused the request ({error}); does queue {queue!r} exist?")
-        )
-    elif isinstance(error, BrokerTlsError | ConnectionLostError):
+    elif isinstance(error, aio_pika.exceptions.PublishError):  # returned: mandatory and nothing to route to
+        reason = f"the broker could not route the request: no queue named {queue!r} (NO_ROUTE); check --queue"
+    elif isinstance(error, aio_pika.exceptions.DeliveryError):
+        reason = f"the broker refused the request to queue {queue!r} (nack): {error}"
+    elif code is ExitCode.UNROUTABLE or isinstance(error, BrokerTlsError | ConnectionLostError):
         reason = str(error)
     else:
         reason = connect_failure(url, error)

@@ -113,7 +113,7 @@ class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
 def configure_cli(level: int = logging.WARNING) -> None:
     """The producer CLI's logging: library events at ``level`` and above as key/values on stderr.
 
-    Also quiets aio-pika's own loggers below ERROR: the CLI says in one line what went wrong.
+    Also quiets aio-pika's and aiormq's own loggers below CRITICAL: the CLI says in one line what went wrong.
     Leaves an already configured root logger (an embedding application, pytest's caplog) as it is,
     apart from adding this handler once.
     """
@@ -136,5 +136,5 @@ def configure_cli(level: int = logging.WARNING) -> None:
         )
         qinfer.addHandler(handler)
     qinfer.setLevel(level)
-    for name in _CHATTY:
-        logging.getLogger(name).setLevel(max(logging.ERROR, level))
+    for name in _CHATTY:  # even their errors ("error when creating transport"): the CLI's one line says why
+        logging.getLogger(name).setLevel(logging.CRITICAL)

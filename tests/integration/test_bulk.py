@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -16,7 +17,6 @@ import aio_pika
 import aio_pika.exceptions
 import numpy as np
 import pytest
-from structlog.testing import capture_logs
 
 from producer.bulk.job import BulkJob, BulkOptions, BulkSummary, JobFailedError, JobLockedError, default_job_id
 from producer.bulk.jsonl import Row
@@ -28,6 +28,7 @@ from producer.wire.names import (
     results_queue_arguments,
 )
 from producer.wire.protocol import ErrorCode, encode_error, encode_reply
+from tests.logs import library_events
 from tests.models import affine_model
 from tests.worker_process import REPO_ROOT, WorkerProcess, child_env
 
@@ -324,7 +325,7 @@ async def test_a_missing_request_queue_stops_the_job_and_keeps_its_results_queue
 
 
 async def test_forged_replies_in_the_results_queue_never_reach_the_output(
-    amqp_url: str, shared_queue: str, job_id: str, tmp_path: Path
+    amqp_url: str, shared_queue: str, job_id: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     _write_input(tmp_path / "in.jsonl", rows=100)
     made_up = f"{job_id}.deadbeef.1.{'0' * 32}"  # shaped like the job's ids, without the secret
@@ -338,11 +339,12 @@ async def test_forged_replies_in_the_results_queue_never_reach_the_output(
     ]
     await _declare_results_queue(amqp_url, job_id, results_queue_arguments())
     await _publish_replies(amqp_url, results_queue(job_id), forged)
-    with capture_logs() as logs:
+    with caplog.at_level(logging.WARNING, logger="qinfer.bulk"):
         summary = await BulkJob(_options(tmp_path, amqp_url, shared_queue, job_id, rows_per_message=8)).run()
     assert summary.forged == len(forged)
     assert (summary.written, summary.failed, summary.collected) == (100, 0, 0)
     _assert_every_row_exactly_once(tmp_path / "out.jsonl", rows=100)  # every value is the worker's, never 999
+    logs = library_events(caplog)
     rejected = [e for e in logs if e["event"] == "bulk_reply_rejected"]
     assert len(rejected) == len(forged)
     assert all(e["log_level"] == "warning" and e["reason"] for e in rejected)
@@ -411,16 +413,16 @@ async def test_a_second_run_of_a_running_job_refuses_and_a_rerun_after_a_kill_is
 
 
 async def test_a_results_queue_declared_by_an_older_version_is_used_as_it_is(
-    amqp_url: str, shared_queue: str, job_id: str, tmp_path: Path
+    amqp_url: str, shared_queue: str, job_id: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     _write_input(tmp_path / "in.jsonl", rows=100)
     older = {"x-queue-type": "quorum"}  # no x-expires
     await _declare_results_queue(amqp_url, job_id, older)
-    with capture_logs() as logs:
+    with caplog.at_level(logging.WARNING, logger="qinfer.bulk"):
         summary = await BulkJob(_options(tmp_path, amqp_url, shared_queue, job_id, rows_per_message=8)).run()
     assert (summary.written, summary.failed) == (100, 0)
     _assert_every_row_exactly_once(tmp_path / "out.jsonl", rows=100)
-    [warning] = [e for e in logs if e["event"] == "bulk_results_queue_differs"]
+    [warning] = [e for e in library_events(caplog) if e["event"] == "bulk_results_queue_differs"]
     assert "x-expires" in warning["broker_says"]
     assert "delete_queue" in warning["fix"]
     assert await _declared_with(amqp_url, results_queue(job_id), older)

@@ -102,7 +102,7 @@ async def test_no_credential_appears_in_logs_errors_metrics_reports_or_replies(
     assert f"refused the credentials of user '{USER}'" in seen["client error"]
     send = [sys.executable, "-m", "producer.cli", "send", "--amqp-url", wrong_url, "--queue", queue, "--json", "{}"]
     code, seen["send error"] = await run(*send, env={**env, **files})
-    assert code == 1
+    assert code == 5  # ExitCode.CONNECTION: the credentials were refused
     failing = WorkerProcess(wrong_url, model, queue, "--connect-timeout-s", "5", env=files, name="wrong-password")
     failing.start()
     try:

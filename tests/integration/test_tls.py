@@ -164,10 +164,10 @@ async def test_producer_send_speaks_mutual_tls_and_says_what_is_wrong_when_it_ca
     code, out = await send(
         "--ca-file", str(pki.ca), "--cert-file", str(pki.client.cert), "--key-file", str(pki.client.key)
     )
-    assert code == 1
-    assert "does queue 'tls.none' exist?" in out  # connected over mutual TLS; the broker refused the publish
+    assert code == 4  # ExitCode.UNROUTABLE
+    assert "no queue named 'tls.none' (NO_ROUTE)" in out  # connected over mutual TLS; the broker refused the publish
     code, out = await send("--ca-file", str(pki.ca))
-    assert code == 1
+    assert code == 5  # ExitCode.CONNECTION: the TLS handshake was refused
     assert out.splitlines() == [out.strip()]
     assert "requires a client certificate and none was sent" in out
     assert tls_broker.password not in out
