@@ -11,7 +11,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -65,11 +65,11 @@ def _one_line(err: str) -> str:
 
 
 @pytest.fixture
-async def idle_queue(connection: aio_pika.abc.AbstractConnection, queue: str) -> AsyncIterator[str]:
+async def idle_queue(connection: aio_pika.abc.AbstractConnection, queue: str) -> str:
     """A queue that exists but that no worker consumes (classic, deleted afterwards)."""
     channel = await connection.channel()
     await channel.declare_queue(queue, auto_delete=False)
-    yield queue
+    return queue
 
 
 async def test_a_result_exits_0_with_the_reply_on_stdout(
