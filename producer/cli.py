@@ -14,11 +14,12 @@ import structlog
 
 from producer.amqp import tls, tracing
 from producer.amqp.messages import request_message
+from producer.amqp.publish import publish_request, resolve_target
 from producer.amqp.urls import broker_url, connect_failure
 from producer.bulk.cli import add_bulk_parser, run_bulk
 from producer.loadtest.cli import add_loadtest_parser, run_loadtest
 from producer.route_cli import add_route_parser, run_route
-from producer.wire.errors import BrokerTlsError
+from producer.wire.errors import BrokerTlsError, PublishRefusedError
 from producer.wire.names import (
     CONTENT_TYPE_JSON,
     CONTENT_TYPES,
@@ -67,7 +68,7 @@ async def _send(
         traces = tracing.RoundTrips()
         traces.start(message, queue)
         try:
-            await channel.default_exchange.publish(message, routing_key=queue, mandatory=True)
+            await publish_request(channel, message, resolve_target(queue=queue))
             reply = await asyncio.wait_for(replies.get(), timeout_s)
         except BaseException as e:
             traces.end(message.correlation_id or "", e)
@@ -129,8 +130,12 @@ def _run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 1
-        except aio_pika.exceptions.DeliveryError as e:
-            print(f"producer: the broker refused the request ({e}); does queue {args.queue!r} exist?", file=sys.stderr)
+        except PublishRefusedError as e:
+            broker_says = e.__cause__ or e
+            print(
+                f"producer: the broker refused the request ({broker_says}); does queue {args.queue!r} exist?",
+                file=sys.stderr,
+            )
             return 1
         sys.stdout.write(reply.decode(errors="replace") + "\n")
         return 0
