@@ -4,8 +4,8 @@ Owns the target resolver (a queue, a model's route, or a pinned version's queue 
 names come from :mod:`producer.wire.names`) and :func:`publish_request`: one publish with ``mandatory`` on a
 channel with publisher confirms, each way the broker can refuse it mapped to
 :class:`~producer.wire.errors.PublishRefusedError` (with a :class:`Refusal` reason) or
-:class:`~producer.wire.errors.ConnectionLostError`. Called by the RPC client, bulk jobs, the load generator and
-``producer send``; calls aio-pika only.
+:class:`~producer.wire.errors.ConnectionLostError`. Called by the RPC client, bulk jobs, the load generator, the
+route drain (:mod:`producer.amqp.routes`) and ``producer send``; calls aio-pika only.
 """
 
 from __future__ import annotations
