@@ -42,7 +42,7 @@ import structlog
 from bench.driver import AMQP_URL, ROOT, delete_queues
 from bench.text_inprocess import make_texts
 from producer.bulk.job import BulkJob, BulkOptions
-from producer.bulk.signed_ids import state_path
+from producer.bulk.state import state_path
 from producer.wire.names import results_queue
 from producer.wire.protocol import InferRequest
 from tests.models import affine_model

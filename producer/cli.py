@@ -19,6 +19,7 @@ import msgspec
 from producer.amqp import tls, tracing
 from producer.amqp.logs import configure_cli
 from producer.amqp.messages import request_message
+from producer.amqp.publish import Refusal, publish_request, resolve_target
 from producer.amqp.urls import broker_url, connect_failure
 from producer.bulk.cli import add_bulk_parser, run_bulk
 from producer.cli_help import EXAMPLES, DefaultsAndExamples, ExamplesFormatter, examples_epilog, package_version
@@ -26,7 +27,13 @@ from producer.client.rpc import Client
 from producer.exit_codes import ExitCode, exit_code_for
 from producer.loadtest.cli import add_loadtest_parser, run_loadtest
 from producer.route_cli import add_route_parser, run_route
-from producer.wire.errors import BrokerTlsError, ConnectionLostError, ErrorReplyError, RequestTimeoutError
+from producer.wire.errors import (
+    BrokerTlsError,
+    ConnectionLostError,
+    ErrorReplyError,
+    PublishRefusedError,
+    RequestTimeoutError,
+)
 from producer.wire.names import (
     CONTENT_TYPE_JSON,
     CONTENT_TYPE_MSGPACK,
@@ -104,7 +111,7 @@ async def _send(
         traces = tracing.RoundTrips()
         traces.start(message, queue)
         try:
-            await channel.default_exchange.publish(message, routing_key=queue, mandatory=True)
+            await publish_request(channel, message, resolve_target(queue=queue))
             reply = await asyncio.wait_for(replies.get(), timeout_s)
         except BaseException as e:
             traces.end(message.correlation_id or "", e)
@@ -217,10 +224,10 @@ def _failed(error: BaseException, *, url: str, queue: str, timeout_s: float) -> 
             if isinstance(error, RequestTimeoutError)
             else f"no reply within {timeout_s:g} s; is a worker consuming {queue!r}?"
         )
-    elif isinstance(error, aio_pika.exceptions.PublishError):  # returned: mandatory and nothing to route to
+    elif isinstance(error, PublishRefusedError) and error.reason == Refusal.NO_QUEUE:
         reason = f"the broker could not route the request: no queue named {queue!r} (NO_ROUTE); check --queue"
-    elif isinstance(error, aio_pika.exceptions.DeliveryError):
-        reason = f"the broker refused the request to queue {queue!r} (nack): {error}"
+    elif isinstance(error, PublishRefusedError) and error.reason == Refusal.NACKED:
+        reason = f"the broker refused the request to queue {queue!r} (nack): {error.__cause__ or error}"
     elif code is ExitCode.UNROUTABLE or isinstance(error, BrokerTlsError | ConnectionLostError):
         reason = str(error)
     else:

@@ -19,6 +19,7 @@ from typing import Any
 
 import structlog
 
+from producer.amqp.tasks import TaskSet
 from producer.wire.protocol import ErrorCode, encode_error, encode_reply, reply_content_type
 from worker.acks import Outcome, reply_retry_delay_s
 from worker.batching import Arrays
@@ -27,7 +28,6 @@ from worker.jobs import Job, Reply
 from worker.metrics import WorkerMetrics
 from worker.reply_publisher import Outgoing, Published, Replier
 from worker.settler import Settler, open_channel
-from worker.tasks import TaskSet
 from worker.tracing import error_reply, log_ids, publishing_reply
 
 log = structlog.get_logger("worker")

@@ -23,6 +23,7 @@ from typing import Any
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
+from producer.amqp.tasks import TaskSet
 from producer.wire.errors import ProtocolError
 from producer.wire.metadata import MAX_METADATA_REQUEST_BYTES, is_metadata_request
 from producer.wire.names import HEADER_DEADLINE_MS, HEADER_PUBLISHED_MS
@@ -38,7 +39,6 @@ from worker.reply_to import ReplyTo, ReplyToKind, classify
 from worker.scheduler import Scheduler, is_expired
 from worker.settings import Settings
 from worker.settler import Settler
-from worker.tasks import TaskSet
 from worker.tracing import WorkerTracing, decoding, enqueued, job_context
 
 log = structlog.get_logger("worker")

@@ -24,12 +24,12 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from producer.amqp.tasks import TaskSet
 from worker.broker import connect, declare_request_queue
 from worker.health import HealthState
 from worker.jobs import Job
 from worker.settings import Settings
 from worker.settler import Settler
-from worker.tasks import TaskSet
 
 log = structlog.get_logger("worker")
 

@@ -27,6 +27,7 @@ import time
 import structlog
 from opentelemetry.trace import TracerProvider
 
+from producer.amqp.tasks import TaskSet
 from producer.amqp.tls import is_tls_url
 from producer.amqp.urls import redact_url
 from worker.acks import Outcome
@@ -42,7 +43,6 @@ from worker.runner import ModelRunner
 from worker.scheduler import Scheduler
 from worker.settings import Settings
 from worker.settler import Settler
-from worker.tasks import TaskSet
 from worker.tracing import WorkerTracing
 
 log = structlog.get_logger("worker")

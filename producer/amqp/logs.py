@@ -60,10 +60,12 @@ class EventLogger:
     def _log(self, level: int, event: str, fields: dict[str, Any]) -> None:
         if not self.logger.isEnabledFor(level):
             return  # nothing is formatted for a disabled level
+        exc_info = fields.pop("exc_info", None)  # an exception's traceback goes with the record, not in the message
         self.logger.log(
             level,
             "%s",
             format_event(event, fields),
+            exc_info=exc_info,
             extra={"qinfer_event": event, "qinfer_fields": fields},
             stacklevel=3,
         )

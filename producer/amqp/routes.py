@@ -34,9 +34,10 @@ import aio_pika.exceptions
 import aiormq.exceptions
 
 from producer.amqp.logs import get_logger
+from producer.amqp.publish import Refusal, Target, publish_request
 from producer.amqp.tls import TlsOptions
 from producer.amqp.tls import connect as tls_connect
-from producer.wire.errors import InferenceError
+from producer.wire.errors import InferenceError, PublishRefusedError
 from producer.wire.names import (
     CONSISTENT_HASH_PLUGIN,
     MAX_TRAFFIC_WEIGHT,
@@ -300,7 +301,7 @@ async def drain_version(
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await channel.set_qos(prefetch_count=64)
         await set_weight(channel, model, version, 0)
-        exchange = await channel.get_exchange(exchange_name, ensure=False)
+        route = Target(exchange_name, "", model=model)
         try:
             queue = await channel.declare_queue(queue_name, passive=True)
         except aiormq.exceptions.ChannelNotFoundEntity as e:
@@ -327,13 +328,15 @@ async def drain_version(
                     app_id=message.app_id,
                 )
                 try:
-                    await exchange.publish(copy, routing_key="", mandatory=True)
-                except aio_pika.exceptions.PublishError as e:
+                    await publish_request(channel, copy, route)
+                except PublishRefusedError as e:
+                    if e.reason != Refusal.UNPINNED:
+                        raise  # the channel is gone or refused it: the broker requeues what was not acked
                     await message.nack(requeue=True)
                     raise RouteError(
                         f"no other version of model {model!r} takes unpinned requests (all weights are 0): "
                         f"give one a weight, then drain version {version!r} again; {moved} requests were moved"
-                    ) from e
+                    ) from e.__cause__
                 await message.ack()
                 moved += 1
         if delete:

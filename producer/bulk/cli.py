@@ -23,15 +23,15 @@ from rich.text import Text
 from producer.amqp import tls
 from producer.amqp.logs import configure_cli
 from producer.amqp.urls import broker_url
-from producer.bulk.job import (
+from producer.bulk.job import BulkJob
+from producer.bulk.jsonl import parse_datatypes
+from producer.bulk.options import (
     DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_ROWS_PER_MESSAGE,
-    BulkJob,
     BulkOptions,
     BulkSummary,
     JobFailedError,
 )
-from producer.bulk.jsonl import parse_datatypes
 from producer.wire.errors import BrokerTlsError, InferenceError
 from producer.wire.names import (
     CONTENT_TYPE_MSGPACK,
@@ -143,7 +143,7 @@ class _ErrorsColumn(ProgressColumn):
 
 
 class _Bar:
-    """A rich progress bar as a :class:`producer.bulk.job.ProgressSink`."""
+    """A rich progress bar as a :class:`producer.bulk.options.ProgressSink`."""
 
     def __init__(self, progress: Progress, description: str) -> None:
         self._progress = progress

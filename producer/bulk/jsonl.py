@@ -1,6 +1,8 @@
 """Bulk job rows: parse input JSONL, pack rows into requests, write and re-read result JSONL.
 
-Pure functions over bytes, numpy arrays and files; nothing here talks to the broker.
+Pure functions over bytes, numpy arrays and files; nothing here talks to the broker. Used by the bulk job
+(scan, pack), its ledger and reply handling (output lines) and the signed ids (a request's rows); the request
+ids' format is :mod:`producer.bulk.signed_ids`'.
 
 Input, one JSON object per line (blank lines are ignored)::
 
@@ -40,9 +42,6 @@ __all__ = [
     "RowErrorCode",
     "batch_inputs",
     "count_rows",
-    "decode_body_id",
-    "encode_body_id",
-    "encode_row_keys",
     "error_line",
     "iter_input",
     "parse_datatypes",
@@ -230,39 +229,6 @@ class Packer:
 def batch_inputs(rows: Sequence[Row]) -> dict[str, npt.NDArray[Any]]:
     """Stack compatible rows into one request's inputs (rows become the first dimension)."""
     return {name: np.stack([row.inputs[name] for row in rows]) for name in rows[0].inputs}
-
-
-# ---------------------------------------------------------------------------------------------
-# Request ids. The request body's ``id`` names its rows, so a reply that arrives after a restart
-# (when the producer no longer knows what it sent) still maps back to its rows.
-
-
-def encode_row_keys(rows: Sequence[Row]) -> str:
-    """The rows' ``(line, id)`` pairs as the JSON text ``[[line, row id], ...]`` body ids carry."""
-    return _encoder.encode([[r.line, r.id] for r in rows]).decode()
-
-
-def encode_body_id(request_id: str, rows: Sequence[Row]) -> str:
-    """``<request id>:<JSON [[line, row id], ...]>``; ``request_id`` must not contain ``:``."""
-    if ":" in request_id:
-        raise ValueError(f"request id {request_id!r} must not contain ':'")
-    return f"{request_id}:{encode_row_keys(rows)}"
-
-
-def decode_body_id(body_id: str) -> list[tuple[int, str]] | None:
-    """The ``(line, row id)`` pairs :func:`encode_body_id` packed, or ``None`` when ``body_id`` has none."""
-    _, sep, rows_json = body_id.partition(":")
-    if not sep:
-        return None
-    try:
-        pairs = _row_decoder.decode(rows_json)
-    except msgspec.DecodeError:
-        return None
-    if not isinstance(pairs, list) or not all(
-        isinstance(p, list) and len(p) == 2 and isinstance(p[0], int) and isinstance(p[1], str) for p in pairs
-    ):
-        return None
-    return [(p[0], p[1]) for p in pairs]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Request ids a bulk job can verify: a reply counts only if it answers a request the job sent.
 
 Anyone allowed to publish to the default exchange can put a message into a job's results queue.
-So each job has a secret (random, kept in a state file beside the output, mode 0600), and every
+So each job has a secret (random, kept in the job's state file beside the output, mode 0600), and every
 request id carries an HMAC of the job id, the request's serial and its rows under that secret:
 
     correlation_id = <job id>.<serial>.<tag>
@@ -12,7 +12,10 @@ Workers echo both (the AMQP ``correlation_id`` and the body's ``id``), so any ru
 one that sent the request or a later one resuming it, checks a reply without remembering every
 id it sent, and nobody without the secret can make up a reply that names rows of the job.
 
-Pure: files and bytes only, nothing here talks to the broker.
+The body id names its rows, so a reply that arrives after a restart (when the producer no longer
+knows what it sent) still maps back to them. Owns both ids' format, signing and checking; the secret comes from
+the state file (:mod:`producer.bulk.state`). Used by the bulk job (signing) and its reply handling
+(:mod:`producer.bulk.replies`, checking). Pure: strings and bytes only, nothing here talks to the broker.
 """
 
 from __future__ import annotations
@@ -20,131 +23,60 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
-import json
-import os
-import secrets
-import stat
 from collections.abc import Sequence
-from pathlib import Path
 
-from producer.bulk.jsonl import Row, decode_body_id, encode_row_keys
+import msgspec
+
+from producer.bulk.jsonl import Row
 from producer.wire.errors import InferenceError
 
 __all__ = [
-    "STATE_FILE_SUFFIX",
-    "JobStateError",
     "RequestSigner",
     "SignedIds",
     "UnverifiedReplyError",
-    "is_private",
-    "load_or_create_secret",
-    "pinned_version",
-    "record_pinned_version",
-    "state_path",
+    "decode_body_id",
+    "encode_body_id",
+    "encode_row_keys",
 ]
 
-STATE_FILE_SUFFIX = ".job.json"
-SECRET_BYTES = 32
 TAG_BYTES = 16
-_STATE_VERSION = 1
 _MAC_CONTEXT = b"qinfer-bulk-request-v1"
 _MAX_CORRELATION_ID_CHARS = 255  # AMQP shortstr
 
-
-class JobStateError(InferenceError):
-    """Raised when a bulk job's state file cannot be read or created."""
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder()
 
 
 class UnverifiedReplyError(InferenceError):
     """Raised when nothing proves that a reply answers a request this job sent."""
 
 
-def state_path(output_path: Path) -> Path:
-    """The state file of the job writing ``output_path``: beside it, ``<output name>.job.json``."""
-    return output_path.with_name(output_path.name + STATE_FILE_SUFFIX)
+def encode_row_keys(rows: Sequence[Row]) -> str:
+    """The rows' ``(line, id)`` pairs as the JSON text ``[[line, row id], ...]`` body ids carry."""
+    return _encoder.encode([[r.line, r.id] for r in rows]).decode()
 
 
-def load_or_create_secret(path: Path) -> tuple[bytes, bool]:
-    """The job's secret from its state file, creating the file (mode 0600) on the first run.
-
-    The caller must hold the job's output lock, so two runs never create the file at once.
-
-    Returns:
-        ``(secret, created)``: ``created`` is True when this call made a new secret.
-
-    Raises:
-        JobStateError: the file exists but is not a state file this version can read, or
-            cannot be created; the message says what to do.
-    """
-    try:
-        text = path.read_bytes()
-    except FileNotFoundError:
-        return _create_state(path), True
-    except OSError as e:
-        raise JobStateError(f"cannot read the job's state file {path}: {e.strerror}") from e
-    try:
-        state = json.loads(text)
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"version {state.get('version')!r}, expected {_STATE_VERSION}")
-        secret = bytes.fromhex(state["secret"])
-        if len(secret) < 16:
-            raise ValueError("secret shorter than 16 bytes")
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise JobStateError(
-            f"the job's state file {path} is damaged ({e}); delete it to go on: replies that earlier runs "
-            "left in the results queue are then dropped as unverifiable and their rows sent again"
-        ) from e
-    return secret, False
+def encode_body_id(request_id: str, rows: Sequence[Row]) -> str:
+    """``<request id>:<JSON [[line, row id], ...]>``; ``request_id`` must not contain ``:``."""
+    if ":" in request_id:
+        raise ValueError(f"request id {request_id!r} must not contain ':'")
+    return f"{request_id}:{encode_row_keys(rows)}"
 
 
-def is_private(path: Path) -> bool:
-    """True when no one but the owner may read or write ``path``."""
-    return path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO) == 0
-
-
-def _create_state(path: Path) -> bytes:
-    secret = secrets.token_bytes(SECRET_BYTES)
-    _write_state(path, {"version": _STATE_VERSION, "secret": secret.hex()}, "create")
-    return secret
-
-
-def pinned_version(path: Path) -> str | None:
-    """The model version the job is pinned to, as recorded in its state file (None: not recorded yet)."""
-    try:
-        version = json.loads(path.read_bytes()).get("model_version")
-    except (OSError, ValueError, AttributeError):
+def decode_body_id(body_id: str) -> list[tuple[int, str]] | None:
+    """The ``(line, row id)`` pairs :func:`encode_body_id` packed, or ``None`` when ``body_id`` has none."""
+    _, sep, rows_json = body_id.partition(":")
+    if not sep:
         return None
-    return version if isinstance(version, str) else None
-
-
-def record_pinned_version(path: Path, version: str) -> None:
-    """Record in the job's state file the model version its first reply came from, so reruns keep it.
-
-    Raises:
-        JobStateError: the state file cannot be read or rewritten.
-    """
     try:
-        state = json.loads(path.read_bytes())
-    except (OSError, ValueError) as e:
-        raise JobStateError(f"cannot read the job's state file {path}: {e}") from e
-    _write_state(path, {**state, "model_version": version}, "update")
-
-
-def _write_state(path: Path, state: dict[str, object], what: str) -> None:
-    text = json.dumps(state).encode() + b"\n"
-    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a file left by a crashed run
-            os.write(fd, text)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(partial, path)
-    except OSError as e:
-        partial.unlink(missing_ok=True)
-        raise JobStateError(f"cannot {what} the job's state file {path}: {e.strerror}") from e
+        pairs = _decoder.decode(rows_json)
+    except msgspec.DecodeError:
+        return None
+    if not isinstance(pairs, list) or not all(
+        isinstance(p, list) and len(p) == 2 and isinstance(p[0], int) and isinstance(p[1], str) for p in pairs
+    ):
+        return None
+    return [(p[0], p[1]) for p in pairs]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

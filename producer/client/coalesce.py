@@ -7,13 +7,13 @@ publish in flight sends what it holds at once. Calls that arrive while a lane's 
 broker's confirm wait in the lane and leave together, as one request of up to ``max_rows`` rows,
 when the confirm comes. Under light load every call goes alone; under heavy load messages fill up.
 
-Pure helpers (:func:`lane_key`, :func:`pack_rows`, :func:`split_rows`) and the :class:`Coalescer`
-that runs the lanes; the client (``producer.client.rpc``) supplies the publish and the replies.
+Pure helpers (:func:`lane_key`, :func:`split_rows`; packing is :func:`producer.wire.rows.concat_rows`) and the
+:class:`Coalescer` that runs the lanes; the client (``producer.client.rpc``) and the load generator supply the
+publish and the replies. A call that must not be packed takes a lane of its own (a key no other call shares).
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
@@ -21,9 +21,10 @@ from typing import Any, Generic, TypeVar
 import numpy.typing as npt
 
 from producer.amqp.logs import get_logger
+from producer.amqp.tasks import TaskSet
 from producer.wire.errors import ProtocolError
 from producer.wire.protocol import ErrorCode
-from producer.wire.rows import Arrays, concat_rows
+from producer.wire.rows import Arrays
 from producer.wire.rows import split_rows as rows_split
 
 log = get_logger("coalesce")
@@ -42,11 +43,6 @@ def lane_key(inputs: Mapping[str, npt.NDArray[Any]]) -> Hashable | None:
     if len(rows) != 1 or None in rows or 0 in rows:
         return None
     return tuple(sorted((name, a.dtype.str, a.shape[1:]) for name, a in inputs.items()))
-
-
-def pack_rows(parts: Sequence[Mapping[str, npt.NDArray[Any]]]) -> Arrays:
-    """Concatenate the calls' inputs along the first dimension (inputs must share a :func:`lane_key`)."""
-    return concat_rows(parts)
 
 
 def split_rows(outputs: Mapping[str, npt.NDArray[Any]], rows: Sequence[int]) -> list[Arrays]:
@@ -107,7 +103,7 @@ class Coalescer(Generic[C]):
         self._rows_of = rows_of
         self._wanted = wanted
         self._lanes: dict[Hashable, deque[C]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet(on_error=lambda e: log.error("coalescer_lane_failed", error=repr(e)))
 
     def submit(self, key: Hashable, call: C) -> None:
         """Queue ``call`` in lane ``key``; a lane with no publish in flight sends it at once."""
@@ -116,9 +112,7 @@ class Coalescer(Generic[C]):
             lane.append(call)  # a publish is in flight: leave with the next message
             return
         lane = self._lanes[key] = deque([call])
-        task = asyncio.get_running_loop().create_task(self._run(key, lane))
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
+        self._tasks.spawn(self._run(key, lane))
 
     async def _run(self, key: Hashable, lane: deque[C]) -> None:
         try:
@@ -127,17 +121,10 @@ class Coalescer(Generic[C]):
         finally:
             del self._lanes[key]
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("coalescer_lane_failed", error=repr(task.exception()))
-
     async def close(self) -> list[C]:
         """Stop every lane and return the calls still waiting in them (the caller fails them)."""
         left = [call for lane in self._lanes.values() for call in lane]
         for lane in self._lanes.values():
             lane.clear()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel_all()
         return left

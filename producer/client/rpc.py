@@ -33,44 +33,31 @@ import dataclasses
 import functools
 import threading
 import uuid
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Coroutine, Hashable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import aio_pika
 import aio_pika.abc
 import aio_pika.exceptions
-import aiormq.exceptions
 import numpy as np
 import numpy.typing as npt
 from opentelemetry.trace import TracerProvider
 
 from producer.amqp.logs import get_logger
 from producer.amqp.messages import metadata_message, request_message
+from producer.amqp.publish import Target, publish_request, resolve_target
+from producer.amqp.tasks import TaskSet
 from producer.amqp.tls import TlsOptions
 from producer.amqp.tls import connect as tls_connect
 from producer.amqp.tracing import RoundTrips
 from producer.amqp.urls import connect_failure
-from producer.client.coalesce import Coalescer, lane_key, pack_rows, split_rows
-from producer.wire.errors import (
-    ConnectionLostError,
-    ErrorReplyError,
-    ProtocolError,
-    PublishRefusedError,
-    RequestTimeoutError,
-)
+from producer.client.coalesce import Coalescer, lane_key, split_rows
+from producer.wire.errors import ConnectionLostError, ErrorReplyError, ProtocolError, RequestTimeoutError
 from producer.wire.metadata import ModelMetadata, decode_metadata
-from producer.wire.names import (
-    CONTENT_TYPE_MSGPACK,
-    DEFAULT_AMQP_URL,
-    DEFAULT_QUEUE,
-    DIRECT_REPLY_TO,
-    check_route_name,
-    model_exchange,
-    version_queue,
-)
+from producer.wire.names import CONTENT_TYPE_MSGPACK, DEFAULT_AMQP_URL, DEFAULT_QUEUE, DIRECT_REPLY_TO, check_route_name
 from producer.wire.protocol import ErrorCode, ErrorReply, InferReply, as_tensor, decode_reply, encode_request
-from producer.wire.rows import Arrays
+from producer.wire.rows import concat_rows
 
 __all__ = ["Client", "SyncClient"]
 
@@ -100,14 +87,14 @@ _SHARED_ERRORS = frozenset(
 
 @dataclasses.dataclass(eq=False, slots=True)
 class _Call:
-    """One caller's request while it may be packed with others."""
+    """One caller's request, from :meth:`Client.infer` until its reply (alone, or packed with others)."""
 
-    inputs: Arrays
+    inputs: Mapping[str, Any]  # tensors (as_tensor) when the call may be packed, else as the caller gave them
     rows: int
     request_id: str
-    exchange: str
-    routing_key: str
+    target: Target
     outputs: Sequence[str] | None
+    parameters: dict[str, Any] | None
     deadline_s: float  # event-loop time
     future: asyncio.Future[InferReply | ErrorReply]
     packed_id: str | None = None  # the packed request carrying it, once sent in one
@@ -182,13 +169,11 @@ class Client:
         self._metadata_pending: dict[str, asyncio.Future[bytes]] = {}  # raw bodies: decoded by metadata()
         self._connect_lock = asyncio.Lock()
         self.coalesce_rows = coalesce_rows
-        self._coalescer: Coalescer[_Call] | None = (
-            Coalescer(coalesce_rows, self._send_calls, rows_of=lambda c: c.rows, wanted=lambda c: not c.future.done())
-            if coalesce_rows > 1
-            else None
+        self._coalescer: Coalescer[_Call] = Coalescer(
+            coalesce_rows, self._send_calls, rows_of=lambda c: c.rows, wanted=lambda c: not c.future.done()
         )
         self._calls: dict[str, _Call] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
         self._traces = RoundTrips(tracer_provider)
 
     async def __aenter__(self) -> Self:
@@ -233,10 +218,9 @@ class Client:
 
     async def close(self) -> None:
         """Close the connection; calls still awaiting a reply raise ConnectionLostError."""
-        if self._coalescer is not None:
-            for call in await self._coalescer.close():
-                if not call.future.done():
-                    call.future.set_exception(ConnectionLostError("the client was closed"))
+        for call in await self._coalescer.close():
+            if not call.future.done():
+                call.future.set_exception(ConnectionLostError("the client was closed"))
         async with self._connect_lock:
             await self._close_connection()
 
@@ -305,60 +289,26 @@ class Client:
             ConnectionLostError: the connection dropped before the reply arrived.
         """
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        exchange, routing_key = self._target(queue, version)
-        own_id_picks_version = bool(exchange) and request_id is not None
+        target = self._target(queue, version)
+        own_id_picks_version = bool(target.exchange) and request_id is not None
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._calls:
             raise ValueError(f"request id {request_id!r} is already awaiting a reply")
-        if self._coalescer is not None and parameters is None and not own_id_picks_version:
-            arrays = {name: as_tensor(value) for name, value in inputs.items()}
+        # A call goes in a lane its shape shares with others, or alone in a lane of its own: with parameters,
+        # with its own id picking the version, with inputs that cannot be packed, or when packing is off.
+        lane: Hashable = object()
+        payload: Mapping[str, Any] = inputs
+        rows = 1
+        if self.coalesce_rows > 1 and parameters is None and not own_id_picks_version:
+            payload = arrays = {name: as_tensor(value) for name, value in inputs.items()}
             key = lane_key(arrays)
             if key is not None:
-                lane = (exchange, routing_key, timeout_s, tuple(outputs) if outputs else None, key)
-                return await self._infer_coalesced(arrays, lane, request_id, outputs, timeout_s)
-        body = encode_request(inputs, self.content_type, request_id=request_id, outputs=outputs, parameters=parameters)
-        message = request_message(
-            body, request_id=request_id, content_type=self.content_type, reply_to=DIRECT_REPLY_TO, timeout_s=timeout_s
-        )
-        if request_id in self._pending:
-            raise ValueError(f"request id {request_id!r} is already awaiting a reply")
-        future: asyncio.Future[InferReply | ErrorReply] = asyncio.get_running_loop().create_future()
-        self._traces.start(message, routing_key)
-        error: BaseException | None = None
-        try:
-            async with asyncio.timeout(timeout_s):
-                if not self.is_connected:
-                    await self.connect()
-                assert self._channel is not None
-                self._pending[request_id] = future
-                await self._publish(self._channel, message, exchange, routing_key)
-                reply = await future
-        except TimeoutError:
-            error = RequestTimeoutError(
-                f"no reply to request {request_id!r} from {_where(exchange, routing_key)} within {timeout_s:g} s"
-            )
-            raise error from None
-        except BaseException as e:
-            error = e
-            raise
-        finally:
-            self._traces.end(request_id, error, code=None if error or not future.done() else _error_code(future))
-            if self._pending.get(request_id) is future:
-                del self._pending[request_id]
-            if future.done() and not future.cancelled():
-                future.exception()  # retrieved: a publish error may have been raised instead
-        if isinstance(reply, ErrorReply):
-            raise ErrorReplyError(reply.id or request_id, reply.code, reply.message)
-        return reply
-
-    async def _infer_coalesced(
-        self, arrays: Arrays, lane: tuple[Any, ...], request_id: str, outputs: Sequence[str] | None, timeout_s: float
-    ) -> InferReply:
-        """:meth:`infer` for a call that may be packed with others (see ``coalesce_rows``)."""
-        assert self._coalescer is not None
+                lane = (target, timeout_s, tuple(outputs) if outputs else None, key)
+                rows = int(next(iter(arrays.values())).shape[0])
         loop = asyncio.get_running_loop()
-        rows = int(next(iter(arrays.values())).shape[0])
-        call = _Call(arrays, rows, request_id, lane[0], lane[1], outputs, loop.time() + timeout_s, loop.create_future())
+        call = _Call(
+            payload, rows, request_id, target, outputs, parameters, loop.time() + timeout_s, loop.create_future()
+        )
         self._calls[request_id] = call
         self._coalescer.submit(lane, call)
         error: BaseException | None = None
@@ -367,7 +317,7 @@ class Client:
                 reply = await call.future
         except TimeoutError:
             error = RequestTimeoutError(
-                f"no reply to request {request_id!r} from {_where(lane[0], lane[1])} within {timeout_s:g} s"
+                f"no reply to request {request_id!r} from {target.where} within {timeout_s:g} s"
             )
             raise error from None
         except BaseException as e:
@@ -407,13 +357,15 @@ class Client:
         if len(calls) == 1:
             request_id, inputs, future = calls[0].request_id, calls[0].inputs, calls[0].future
         else:
-            request_id, inputs, future = uuid.uuid4().hex, pack_rows([c.inputs for c in calls]), loop.create_future()
+            request_id, inputs, future = uuid.uuid4().hex, concat_rows([c.inputs for c in calls]), loop.create_future()
             future.add_done_callback(functools.partial(self._unpack, calls))
             for call in calls:
                 call.packed_id = request_id
         first = calls[0]
         try:
-            body = encode_request(inputs, self.content_type, request_id=request_id, outputs=first.outputs)
+            body = encode_request(
+                inputs, self.content_type, request_id=request_id, outputs=first.outputs, parameters=first.parameters
+            )
             message = request_message(
                 body, request_id=request_id, content_type=self.content_type, reply_to=DIRECT_REPLY_TO, timeout_s=left_s
             )
@@ -421,10 +373,10 @@ class Client:
                 await self.connect()
             assert self._channel is not None
             self._pending[request_id] = future
-            self._traces.start(message, first.routing_key)
+            self._traces.start(message, first.target.routing_key)
             if len(calls) > 1:
                 future.add_done_callback(functools.partial(self._end_trace, request_id))
-            await self._publish(self._channel, message, first.exchange, first.routing_key)
+            await publish_request(self._channel, message, first.target)
         except Exception as e:
             self._pending.pop(request_id, None)
             for call in calls:
@@ -458,7 +410,7 @@ class Client:
                 log.debug("client_packed_error_resending", code=reply.code, calls=len(waiting))
                 for call in waiting:
                     call.packed_id = None
-                    self._spawn(self._send_calls([call]))
+                    self._tasks.spawn(self._send_calls([call]))
             return
         try:
             parts = split_rows(reply.outputs, [c.rows for c in calls])
@@ -478,11 +430,6 @@ class Client:
                         parameters={**reply.parameters, "coalesced": packed},
                     )
                 )
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def infer_text(
         self,
@@ -529,7 +476,7 @@ class Client:
             ProtocolError: the reply is not model metadata (a worker older than metadata requests).
         """
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        exchange, routing_key = self._target(queue, version)
+        target = self._target(queue, version)
         request_id = uuid.uuid4().hex
         message = metadata_message(
             request_id, content_type=self.content_type, reply_to=DIRECT_REPLY_TO, timeout_s=timeout_s
@@ -541,12 +488,10 @@ class Client:
                     await self.connect()
                 assert self._channel is not None
                 self._metadata_pending[request_id] = future
-                await self._publish(self._channel, message, exchange, routing_key)
+                await publish_request(self._channel, message, target)
                 body = await future
         except TimeoutError:
-            raise RequestTimeoutError(
-                f"no metadata reply from {_where(exchange, routing_key)} within {timeout_s:g} s"
-            ) from None
+            raise RequestTimeoutError(f"no metadata reply from {target.where} within {timeout_s:g} s") from None
         finally:
             self._metadata_pending.pop(request_id, None)
         reply = decode_metadata(body, self.content_type)
@@ -555,45 +500,16 @@ class Client:
         log.debug("client_metadata", model=reply.name, versions=reply.versions)
         return reply
 
-    def _target(self, queue: str | None, version: str | None) -> tuple[str, str]:
-        """The exchange and routing key of a call: a queue, a pinned version's queue, or a model's route."""
+    def _target(self, queue: str | None, version: str | None) -> Target:
+        """Where a call goes: a queue, a pinned version's queue, or a model's route."""
         version = version or self.version
         if self.model is None:
             if version is not None:
                 raise ValueError(f"version={version!r} pins a version of a model: create the client with model=")
-            return "", queue or self.queue
+            return resolve_target(queue=queue or self.queue)
         if version is not None:
-            return "", version_queue(self.model, check_route_name("model version", version))
-        return model_exchange(self.model), ""  # the route hashes the correlation id, not the routing key
-
-    async def _publish(
-        self, channel: aio_pika.abc.AbstractChannel, message: aio_pika.Message, exchange_name: str, routing_key: str
-    ) -> None:
-        where = _where(exchange_name, routing_key)
-        try:
-            exchange = (
-                channel.default_exchange
-                if not exchange_name
-                else await channel.get_exchange(exchange_name, ensure=False)
-            )
-            await exchange.publish(message, routing_key=routing_key, mandatory=True)
-        except aio_pika.exceptions.PublishError as e:
-            if exchange_name:
-                why = f"no version of model {self.model!r} takes unpinned requests (every weight is 0)"
-            elif self.model is not None and routing_key != self.queue:
-                why = f"model {self.model!r} has no version serving {where} (is a worker started for it?)"
-            else:
-                why = f"no queue named {routing_key!r}"
-            raise PublishRefusedError(f"the broker could not route the request: {why}") from e
-        except aio_pika.exceptions.DeliveryError as e:
-            raise PublishRefusedError(f"the broker refused the request to {where} (nack)") from e
-        except aiormq.exceptions.ChannelNotFoundEntity as e:
-            raise PublishRefusedError(
-                f"model {self.model!r} has no route ({where} does not exist): start a worker with "
-                f"--model-name {self.model} --traffic-weight W, it declares the route"
-            ) from e
-        except (aio_pika.exceptions.AMQPConnectionError, aio_pika.exceptions.ChannelInvalidStateError) as e:
-            raise ConnectionLostError(f"the broker connection closed while publishing: {e}") from e
+            check_route_name("model version", version)
+        return resolve_target(queue=self.queue, model=self.model, version=version)
 
 
 def _error_code(future: asyncio.Future[InferReply | ErrorReply]) -> str | None:
@@ -602,10 +518,6 @@ def _error_code(future: asyncio.Future[InferReply | ErrorReply]) -> str | None:
         return None
     reply = future.result()
     return reply.code if isinstance(reply, ErrorReply) else None
-
-
-def _where(exchange: str, routing_key: str) -> str:
-    return f"route {exchange!r}" if exchange else f"queue {routing_key!r}"
 
 
 class SyncClient:

@@ -23,22 +23,27 @@ from urllib.parse import quote, urlparse
 
 import aio_pika
 import aio_pika.abc
-import aio_pika.exceptions
 import aiohttp
 import aiormq.exceptions
 import msgspec
 
 from producer.amqp.messages import request_message
+from producer.amqp.publish import publish_request, resolve_target
+from producer.amqp.tasks import TaskSet
 from producer.amqp.tls import TlsOptions, https_context
 from producer.amqp.tls import connect as tls_connect
 from producer.amqp.tracing import RoundTrips
 from producer.amqp.urls import connect_failure
-from producer.client.coalesce import Coalescer, pack_rows
+from producer.client.coalesce import Coalescer
 from producer.loadtest.profiles import Profile, send_offsets
 from producer.loadtest.stats import NO_REPLY, OK, PENDING, PUBLISH_FAILED, DepthReading, Sample, timing_entry
-from producer.wire.errors import BrokerTlsError, InferenceError
+from producer.wire.errors import BrokerTlsError, ConnectionLostError, InferenceError, PublishRefusedError
 from producer.wire.names import DIRECT_REPLY_TO
 from producer.wire.protocol import decode_request, encode_request
+from producer.wire.rows import concat_rows
+
+_PUBLISH_FAILURES = (PublishRefusedError, ConnectionLostError, aiormq.exceptions.AMQPError, ConnectionError)
+"""A request the broker did not take: recorded as ``publish_failed``; a lost connection also stops sending."""
 
 
 class LoadTestError(InferenceError):
@@ -158,6 +163,7 @@ class LoadRunner:
         )
         self._packs: dict[str, list[Sample]] = {}
         self.target = target
+        self._destination = resolve_target(queue=target.queue)
         self.profile = profile
         self.bodies = list(bodies)
         self.content_type = content_type
@@ -168,7 +174,7 @@ class LoadRunner:
         self.samples: list[Sample] = []
         self.depth: list[DepthReading] = []
         self._waiters: dict[int, asyncio.Future[None]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet(on_error=self._task_failed)
         self._stop = asyncio.Event()
         self._outstanding = 0
         self._all_answered = asyncio.Event()
@@ -233,9 +239,7 @@ class LoadRunner:
                     for result in results:
                         if isinstance(result, Exception):
                             raise result
-                for task in list(self._tasks):
-                    task.cancel()
-                await asyncio.gather(*self._tasks, return_exceptions=True)
+                await self._tasks.cancel_all()
                 if self._coalescer is not None:
                     await self._coalescer.close()  # requests still waiting to be packed end as no_reply
                 if self._failure is not None:
@@ -302,7 +306,7 @@ class LoadRunner:
             if self._stop.is_set():
                 return
             sample = self._new_sample(index, due_s)
-            self._own(asyncio.create_task(self._send(sample)))
+            self._tasks.spawn(self._send(sample))
 
     async def _closed_loop(self) -> None:
         counter = iter(range(self.profile.max_requests or 2**62))
@@ -362,9 +366,9 @@ class LoadRunner:
         sample.sent_s = self._now()
         self._traces.start(message, t.queue)
         try:
-            await self._channel.default_exchange.publish(message, routing_key=t.queue, mandatory=True)
+            await publish_request(self._channel, message, self._destination)
             sample.confirmed_s = self._now()
-        except (aio_pika.exceptions.DeliveryError, aiormq.exceptions.AMQPError, ConnectionError) as e:
+        except _PUBLISH_FAILURES as e:
             if sample.outcome == PENDING:
                 self._finish(sample, PUBLISH_FAILED, None)
             if isinstance(e, ConnectionError | aiormq.exceptions.AMQPConnectionError):
@@ -374,7 +378,7 @@ class LoadRunner:
         """Publish ``samples`` as one message (packed when several) and await the broker's confirm."""
         assert self._channel is not None
         t = self.target
-        inputs = pack_rows([self._inputs[s.index % len(self._inputs)] for s in samples])
+        inputs = concat_rows([self._inputs[s.index % len(self._inputs)] for s in samples])
         request_id = f"{self.run_id}-p{samples[0].index}"
         self._packs[request_id] = samples
         message = request_message(
@@ -389,8 +393,8 @@ class LoadRunner:
             sample.sent_s = sent_s
         self._traces.start(message, t.queue)
         try:
-            await self._channel.default_exchange.publish(message, routing_key=t.queue, mandatory=True)
-        except (aio_pika.exceptions.DeliveryError, aiormq.exceptions.AMQPError, ConnectionError) as e:
+            await publish_request(self._channel, message, self._destination)
+        except _PUBLISH_FAILURES as e:
             self._packs.pop(request_id, None)
             for sample in samples:
                 if sample.outcome == PENDING:
@@ -402,14 +406,9 @@ class LoadRunner:
         for sample in samples:
             sample.confirmed_s = confirmed_s
 
-    def _own(self, task: asyncio.Task[None]) -> None:
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None and self._failure is None:
-            self._failure = task.exception()
+    def _task_failed(self, error: BaseException) -> None:
+        if self._failure is None:
+            self._failure = error
             self.stop()
 
     # ------------------------------------------------------------------------------------------

@@ -81,7 +81,15 @@ class RequestTimeoutError(InferenceError, TimeoutError):
 
 
 class PublishRefusedError(InferenceError):
-    """Raised when the broker refused (nacked) or could not route (returned) a publish."""
+    """Raised when the broker refused (nacked) or could not route (returned) a publish.
+
+    ``reason`` says which way, for callers that word the advice themselves (see
+    :class:`producer.amqp.publish.Refusal`).
+    """
+
+    def __init__(self, message: str, *, reason: str = "refused") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class ConnectionLostError(InferenceError, ConnectionError):

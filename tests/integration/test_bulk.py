@@ -20,7 +20,8 @@ import pytest
 
 from producer.bulk.job import BulkJob, BulkOptions, BulkSummary, JobFailedError, JobLockedError, default_job_id
 from producer.bulk.jsonl import Row
-from producer.bulk.signed_ids import RequestSigner, load_or_create_secret, state_path
+from producer.bulk.signed_ids import RequestSigner
+from producer.bulk.state import load_or_create_secret, state_path
 from producer.wire.names import (
     CONTENT_TYPE_JSON,
     dead_letter_queue,

@@ -10,14 +10,8 @@ import numpy as np
 import pytest
 
 from producer.bulk.jsonl import Row
-from producer.bulk.signed_ids import (
-    JobStateError,
-    RequestSigner,
-    UnverifiedReplyError,
-    is_private,
-    load_or_create_secret,
-    state_path,
-)
+from producer.bulk.signed_ids import RequestSigner, UnverifiedReplyError
+from producer.bulk.state import JobStateError, is_private, load_or_create_secret, state_path
 
 SECRET = bytes(range(32))
 

@@ -16,8 +16,6 @@ from producer.bulk.jsonl import (
     RowErrorCode,
     batch_inputs,
     count_rows,
-    decode_body_id,
-    encode_body_id,
     error_line,
     iter_input,
     parse_datatypes,
@@ -25,6 +23,7 @@ from producer.bulk.jsonl import (
     read_output,
     result_lines,
 )
+from producer.bulk.signed_ids import decode_body_id, encode_body_id
 from producer.wire.names import CONTENT_TYPE_MSGPACK
 from producer.wire.protocol import InferReply, decode_request, encode_request
 

@@ -8,8 +8,9 @@ from collections import deque
 import numpy as np
 import pytest
 
-from producer.client.coalesce import Coalescer, lane_key, pack_rows, split_rows, take_rows
+from producer.client.coalesce import Coalescer, lane_key, split_rows, take_rows
 from producer.wire.errors import ProtocolError
+from producer.wire.rows import concat_rows
 
 
 def test_calls_share_a_lane_only_with_the_same_names_dtypes_and_row_shape() -> None:
@@ -35,7 +36,7 @@ def test_inputs_that_cannot_be_packed_have_no_lane(inputs: dict[str, np.ndarray]
 
 def test_packed_rows_split_back_to_each_call_in_order() -> None:
     parts = [{"x": np.full((n, 2), i, np.float32)} for i, n in enumerate([1, 3, 2])]
-    packed = pack_rows(parts)
+    packed = concat_rows(parts)
     assert packed["x"].shape == (6, 2)
     back = split_rows({"y": packed["x"] * 10}, [1, 3, 2])
     for i, (part, out) in enumerate(zip(parts, back, strict=True)):
