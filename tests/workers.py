@@ -42,7 +42,9 @@ async def running_worker(
         settings: more :class:`Settings` fields.
     """
     s = Settings(amqp_url=amqp_url, model=model, queue=queue, http_port=0, **settings)
-    worker = Worker(s, pipeline or load_pipeline(s), install_signal_handlers=False, tracer_provider=tracer_provider)
+    worker = Worker(
+        s, pipeline or load_pipeline(s.model_config), install_signal_handlers=False, tracer_provider=tracer_provider
+    )
     task = asyncio.create_task(worker.run())
     started = asyncio.create_task(worker.consuming_event.wait())
     await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)

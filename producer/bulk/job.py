@@ -90,6 +90,7 @@ from producer.wire.errors import BrokerTlsError, ConnectionLostError, InferenceE
 from producer.wire.names import (
     CONTENT_TYPE_MSGPACK,
     DEFAULT_AMQP_URL,
+    DEFAULT_MAX_BATCH,
     DEFAULT_QUEUE,
     DEFAULT_RESULTS_TTL_S,
     check_route_name,
@@ -113,7 +114,7 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_ROWS_PER_MESSAGE = 64  # measured: bench/bulk_rows_per_message.py; the default worker --max-batch
+DEFAULT_ROWS_PER_MESSAGE = DEFAULT_MAX_BATCH  # measured: bench/bulk_rows_per_message.py; the default worker --max-batch
 DEFAULT_MAX_IN_FLIGHT = 64
 _ACK_BATCH = 256
 _LOCK_GRACE_S = 1.0

@@ -61,6 +61,7 @@ from producer.wire.errors import (
 from producer.wire.names import (
     CONTENT_TYPE_MSGPACK,
     DEFAULT_AMQP_URL,
+    DEFAULT_MAX_BATCH,
     DEFAULT_QUEUE,
     DIRECT_REPLY_TO,
     check_route_name,
@@ -77,7 +78,7 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT_S = 30.0
-DEFAULT_COALESCE_ROWS = 64
+DEFAULT_COALESCE_ROWS = DEFAULT_MAX_BATCH
 TEXT_INPUT = "text"
 
 # Error codes that depend only on what every call of a packed request shares (names, datatypes,

@@ -11,6 +11,9 @@ from typing import Any, Literal
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_QUEUE = "inference"
 
+DEFAULT_MAX_BATCH = 64
+"""Rows per model run by default (the worker's ``--max-batch``); the client coalesces and bulk jobs pack as many."""
+
 # Direct reply-to: the broker routes a reply straight to the RPC client's channel (at-most-once).
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 

@@ -87,7 +87,7 @@ async def test_texts_of_many_packed_requests_share_runs_and_each_request_equals_
     ]
     sent = [Sent(encode_request({"text": texts}, CONTENT_TYPE_JSON)) for texts in packed]
     replies = await _publish_then_serve(amqp_url, folder, queue, connection, sent)
-    pipeline = load_pipeline(Settings(model=folder))
+    pipeline = load_pipeline(Settings(model=folder).model_config)
     for texts, reply in zip(packed, replies, strict=True):
         assert isinstance(reply, InferReply), reply
         request = InferRequest(id="", inputs={"text": np.array(texts, dtype=object)})

@@ -154,7 +154,7 @@ async def test_a_batch_of_n_requests_is_one_model_run_span_linked_to_each(
     exporter: InMemorySpanExporter,
 ) -> None:
     n = 6
-    pipeline = GatedPipeline(load_pipeline(Settings(model=model)))
+    pipeline = GatedPipeline(load_pipeline(Settings(model=model).model_config))
     pipeline.warm_up_gate.set()
     async with traced_worker(amqp_url, model, queue, provider, pipeline, max_batch=64):
         rpc = await RpcClient.open(connection)

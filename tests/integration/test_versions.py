@@ -54,7 +54,7 @@ async def model_name(amqp_url: str) -> AsyncIterator[str]:
 
 async def serve_version(amqp_url: str, model: str, version: str, weight: int) -> None:
     """What a worker of ``version`` does to the broker at start: declare the route and its queue, bind its weight."""
-    settings = Settings(amqp_url=amqp_url, model_name=model, model_version=version, traffic_weight=weight)
+    settings = Settings.from_env({}, amqp_url=amqp_url, model_name=model, model_version=version, traffic_weight=weight)
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         await declare_request_queue(await connection.channel(), settings)
@@ -142,7 +142,7 @@ async def test_a_worker_refuses_a_route_name_taken_by_another_exchange(amqp_url:
     async with connection:
         channel = await connection.channel()
         await channel.declare_exchange(model_exchange(model_name), "direct", durable=True)
-        settings = Settings(amqp_url=amqp_url, model_name=model_name, model_version="1", traffic_weight=1)
+        settings = Settings.from_env({}, amqp_url=amqp_url, model_name=model_name, model_version="1", traffic_weight=1)
         with pytest.raises(BrokerRouteError, match="exists with another type"):
             await declare_request_queue(await connection.channel(), settings)
 

@@ -54,8 +54,8 @@ def pipelines(tmp_path_factory: pytest.TempPathFactory) -> list[Pipeline]:
     mlp = mlp_model(folder / "mlp.onnx", width=4, hidden=4, layers=1)
     text = text_model_folder(folder / "text")
     return [
-        TensorPipeline.load(mlp, Settings(model=mlp)),
-        TextEmbeddingPipeline.load(text, Settings(model=text, max_text_bytes=64)),
+        TensorPipeline.load(mlp, Settings(model=mlp).model_config),
+        TextEmbeddingPipeline.load(text, Settings(model=text, max_text_bytes=64).model_config),
     ]
 
 
