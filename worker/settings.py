@@ -389,13 +389,6 @@ class Settings:
                 values["queue"] = _version_queue(values.get("model_name", ""), values.get("model_version", "1"))
         return cls(**values)
 
-    @property
-    def resolved_model_name(self) -> str:
-        """The model name replies carry: ``model_name`` or the model file's stem."""
-        if self.model_name:
-            return self.model_name
-        return self.model.name if self.model.is_dir() else self.model.stem
-
 
 def _read_broker_files(values: dict[str, Any]) -> None:
     """Read ``amqp_url_file`` into ``amqp_url``; check the TLS files exist (``values`` as :meth:`from_env` has them)."""

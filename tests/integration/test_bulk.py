@@ -34,7 +34,6 @@ from tests.worker_process import REPO_ROOT, WorkerProcess, child_env
 pytestmark = pytest.mark.integration
 
 ROWS = 2000
-WIDTH = 4
 
 # A producer that freezes (its event loop blocked) once it has written `after` rows, and says so
 # on stdout: the test then kills it at a known point, with requests and replies in flight.
