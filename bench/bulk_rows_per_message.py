@@ -45,8 +45,8 @@ from producer.bulk.job import BulkJob, BulkOptions
 from producer.bulk.signed_ids import state_path
 from producer.wire.names import results_queue
 from producer.wire.protocol import InferRequest
-from tests.models import affine_model
-from tests.worker_process import WorkerProcess
+from tests.support.models import affine_model
+from tests.support.worker_process import WorkerProcess
 from worker.pipelines.text import TextEmbeddingPipeline
 from worker.pipelines.text_steps import group_by_length
 from worker.settings import Settings

@@ -31,7 +31,7 @@ from bench.driver import AMQP_URL, delete_queues, drive
 from bench.text_inprocess import make_texts
 from producer.wire.names import CONTENT_TYPE_MSGPACK
 from producer.wire.protocol import InferRequest, encode_request
-from tests.worker_process import WorkerProcess
+from tests.support.worker_process import WorkerProcess
 from worker.pipelines.text import TextEmbeddingPipeline
 from worker.pipelines.text_steps import group_by_length
 from worker.settings import Settings

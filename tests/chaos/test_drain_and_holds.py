@@ -16,8 +16,8 @@ import pytest
 
 from producer.wire.names import CONTENT_TYPE_MSGPACK
 from producer.wire.protocol import InferReply, InferRequest, encode_request
-from tests.models import affine_model
-from tests.workers import RpcClient, Sent, decoded
+from tests.support.models import affine_model
+from tests.support.workers import RpcClient, Sent, decoded
 from worker.acks import AckLedger, reply_retry_delay_s
 from worker.pipelines.tensor import load_pipeline
 from worker.service import Worker

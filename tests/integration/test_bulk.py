@@ -28,8 +28,8 @@ from producer.wire.names import (
     results_queue_arguments,
 )
 from producer.wire.protocol import ErrorCode, encode_error, encode_reply
-from tests.models import affine_model
-from tests.worker_process import REPO_ROOT, WorkerProcess, child_env
+from tests.support.models import affine_model
+from tests.support.worker_process import REPO_ROOT, WorkerProcess, child_env
 
 pytestmark = pytest.mark.integration
 

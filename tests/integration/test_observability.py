@@ -20,8 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from producer.wire.names import CONTENT_TYPE_MSGPACK
 from producer.wire.protocol import InferReply, encode_request
-from tests.models import mlp_model
-from tests.workers import RpcClient, Sent, decoded
+from tests.support.models import mlp_model
+from tests.support.workers import RpcClient, Sent, decoded
 from worker.pipelines.tensor import load_pipeline
 from worker.service import Worker
 from worker.settings import Settings

@@ -12,8 +12,8 @@ import pytest
 from producer.wire.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, dead_letter_queue
 from producer.wire.protocol import ErrorReply, InferReply, InferRequest, encode_request
 from tests.chaos.models import POISON_VALUE, poison_model
-from tests.models import TEXT_WORDS, text_model_folder
-from tests.workers import RpcClient, Sent, decoded, running_worker
+from tests.support.models import TEXT_WORDS, text_model_folder
+from tests.support.workers import RpcClient, Sent, decoded, running_worker
 from worker.broker import declare_request_queue
 from worker.pipelines.tensor import load_pipeline
 from worker.settings import Settings

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.models import affine_model
-from tests.workers import running_worker
+from tests.support.models import affine_model
+from tests.support.workers import running_worker
 
 pytestmark = pytest.mark.integration
 

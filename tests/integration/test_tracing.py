@@ -24,10 +24,10 @@ from producer.wire.errors import ErrorReplyError
 from producer.wire.names import CONTENT_TYPE_MSGPACK, HEADER_DEADLINE_MS
 from producer.wire.protocol import ErrorReply, InferReply, encode_request
 from tests.integration.test_observability import GatedPipeline
-from tests.models import mlp_model
-from tests.otlp_receiver import OtlpReceiver
-from tests.worker_process import WorkerProcess
-from tests.workers import RpcClient, Sent, decoded, running_worker
+from tests.support.models import mlp_model
+from tests.support.otlp_receiver import OtlpReceiver
+from tests.support.worker_process import WorkerProcess
+from tests.support.workers import RpcClient, Sent, decoded, running_worker
 from worker.pipelines.tensor import load_pipeline
 from worker.service import Worker
 from worker.settings import Settings

@@ -22,8 +22,8 @@ from producer.bulk.job import BulkJob, BulkOptions, JobFailedError
 from producer.wire.errors import PublishRefusedError
 from producer.wire.names import dead_letter_queue, model_exchange, results_queue, version_queue
 from producer.wire.protocol import encode_request
-from tests.models import affine_model
-from tests.worker_process import WorkerProcess
+from tests.support.models import affine_model
+from tests.support.worker_process import WorkerProcess
 from worker.broker import declare_request_queue
 from worker.errors import BrokerRouteError
 from worker.settings import Settings

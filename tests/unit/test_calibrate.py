@@ -8,7 +8,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from tests.models import two_io_model
+from tests.support.models import two_io_model
 from worker.calibrate import Calibration, calibrate, measure_intake, plan_capacity, synthetic_requests
 from worker.cli import main
 from worker.pipelines.tensor import TensorPipeline

@@ -13,7 +13,7 @@ import pytest
 from producer.wire.errors import CLIP_CHARS, ProtocolError
 from producer.wire.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK
 from producer.wire.protocol import ErrorCode, InferRequest, decode_request, encode_request
-from tests.models import affine_model, text_model_folder
+from tests.support.models import affine_model, text_model_folder
 from worker.pipelines.tensor import TensorPipeline, load_pipeline
 from worker.pipelines.text import TextEmbeddingPipeline
 from worker.settings import Settings

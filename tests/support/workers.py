@@ -1,6 +1,6 @@
 """Test helpers: an in-process worker, and an RPC client that publishes many requests at once.
 
-Worker processes start through :mod:`tests.worker_process`.
+Worker processes start through :mod:`tests.support.worker_process`.
 """
 
 from __future__ import annotations
