@@ -35,8 +35,8 @@ import numpy as np
 from bench.driver import AMQP_URL, baseline, delete_queues, drive
 from producer.wire.names import CONTENT_TYPE_MSGPACK
 from producer.wire.protocol import encode_request
-from tests.models import affine_model, mlp_model
-from tests.worker_process import LoggedProcess, WorkerProcess, child_env, worker_command
+from tests.support.models import affine_model, mlp_model
+from tests.support.worker_process import LoggedProcess, WorkerProcess, child_env, worker_command
 
 KINDS = ("worker", "echo", "unbatched")
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK")

@@ -45,8 +45,8 @@ from producer.bulk.job import BulkJob, BulkOptions
 from producer.bulk.state import state_path
 from producer.wire.names import results_queue
 from producer.wire.protocol import InferRequest
-from tests.models import affine_model
-from tests.worker_process import WorkerProcess
+from tests.support.models import affine_model
+from tests.support.worker_process import WorkerProcess
 from worker.pipelines.text import TextEmbeddingPipeline
 from worker.pipelines.text_steps import group_by_length
 from worker.settings import Settings
@@ -148,7 +148,7 @@ async def measure_schedules(root: Path, rows: int, rounds: int, max_in_flight: i
     texts = make_texts(rows)
     input_path = root / "mixed.jsonl"
     write_texts(input_path, texts)
-    pipeline = TextEmbeddingPipeline.load(TEXT_MODEL, Settings(model=TEXT_MODEL))
+    pipeline = TextEmbeddingPipeline.load(TEXT_MODEL, Settings(model=TEXT_MODEL).model_config)
     pipeline.warm_up(best)
     window = max_in_flight * rows_per_message  # rows a job keeps in flight: the worker's batching window
     print(f"\nschedules: {rows:,} mixed-length texts, {rows_per_message} rows/message, batch {best}", flush=True)

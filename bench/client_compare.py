@@ -27,8 +27,8 @@ from pathlib import Path
 
 from bench.driver import AMQP_URL, delete_queues
 from producer.wire.names import dead_letter_queue
-from tests.models import affine_model
-from tests.worker_process import WorkerProcess
+from tests.support.models import affine_model
+from tests.support.worker_process import WorkerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -31,8 +31,8 @@ import structlog
 from bench.driver import AMQP_URL, delete_queues
 from producer import Client
 from producer.wire.names import dead_letter_queue
-from tests.models import mlp_model
-from tests.worker_process import WorkerProcess
+from tests.support.models import mlp_model
+from tests.support.worker_process import WorkerProcess
 
 
 async def closed_loop(client: Client, callers: int, calls: int, rows: list[np.ndarray]) -> tuple[float, list[float]]:

@@ -31,7 +31,7 @@ from bench.driver import AMQP_URL, delete_queues, drive
 from bench.text_inprocess import make_texts
 from producer.wire.names import CONTENT_TYPE_MSGPACK
 from producer.wire.protocol import InferRequest, encode_request
-from tests.worker_process import WorkerProcess
+from tests.support.worker_process import WorkerProcess
 from worker.pipelines.text import TextEmbeddingPipeline
 from worker.pipelines.text_steps import group_by_length
 from worker.settings import Settings
@@ -56,7 +56,7 @@ async def main(args: argparse.Namespace) -> None:
     texts = make_texts(args.count)
     bodies = [encode_request({"text": [t]}, CONTENT_TYPE_MSGPACK) for t in texts]
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    pipeline = TextEmbeddingPipeline.load(model, Settings(model=model))
+    pipeline = TextEmbeddingPipeline.load(model, Settings(model=model).model_config)
     pipeline.warm_up(max(sizes))
     # The worker runs at the in-process best batch size, so both sides compute the same batches.
     sweep = {b: in_process_rows_per_s(pipeline, texts, b, args.window) for b in sizes}

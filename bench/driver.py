@@ -1,6 +1,6 @@
 """The load driver shared by the benchmarks: one aio-pika client, N requests, W in flight.
 
-The consumer processes under test, each on its own queue, start through :mod:`tests.worker_process`
+The consumer processes under test, each on its own queue, start through :mod:`tests.support.worker_process`
 (``WorkerProcess`` for the worker, :func:`baseline` for the consumers it is measured against).
 """
 
@@ -20,7 +20,7 @@ import aio_pika
 import numpy as np
 
 from producer.wire.names import DEFAULT_AMQP_URL, DIRECT_REPLY_TO, HEADER_PUBLISHED_MS, dead_letter_queue
-from tests.worker_process import LoggedProcess, child_env
+from tests.support.worker_process import LoggedProcess, child_env
 
 AMQP_URL = os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
 ROOT = Path(__file__).resolve().parent.parent

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{folder.name}: not built (make model MODEL_FLAGS={flag}); skipped", flush=True)
             continue
         try:
-            pipeline = load_pipeline(Settings(model=folder, device=args.device, max_batch=max(sizes)))
+            pipeline = load_pipeline(Settings(model=folder, device=args.device).model_config)
         except ModelLoadError as e:
             print(f"{folder.name}: {e}", file=sys.stderr)
             return 2

@@ -25,8 +25,8 @@ import numpy as np
 from bench.driver import AMQP_URL, delete_queues, drive
 from producer.wire.names import CONTENT_TYPE_MSGPACK
 from producer.wire.protocol import encode_request
-from tests.models import mlp_model
-from tests.worker_process import WorkerProcess
+from tests.support.models import mlp_model
+from tests.support.worker_process import WorkerProcess
 
 KINDS = ("processes_1", "processes_2")
 

@@ -32,8 +32,8 @@ import onnxruntime as ort
 from bench.driver import AMQP_URL, baseline, delete_queues, drive
 from producer.wire.names import CONTENT_TYPE_MSGPACK
 from producer.wire.protocol import decode_request, encode_reply, encode_request
-from tests.models import mlp_model
-from tests.worker_process import WorkerProcess
+from tests.support.models import mlp_model
+from tests.support.worker_process import WorkerProcess
 
 
 def in_process_rows_per_s(session: ort.InferenceSession, bodies: list[bytes], rows: int, batch: int) -> float:

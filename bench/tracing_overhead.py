@@ -36,8 +36,8 @@ import numpy as np
 from bench.driver import AMQP_URL, ROOT, delete_queues, drive
 from producer.wire.names import CONTENT_TYPE_MSGPACK
 from producer.wire.protocol import encode_request
-from tests.models import mlp_model
-from tests.worker_process import LoggedProcess, child_env, worker_command
+from tests.support.models import mlp_model
+from tests.support.worker_process import LoggedProcess, child_env, worker_command
 
 KINDS = ("untraced", "off", "on-100%", "on-1%")
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK")
@@ -119,7 +119,7 @@ async def main(args: argparse.Namespace) -> None:
         model = mlp_model(Path(tmp) / "mlp.onnx", width=256, hidden=256, layers=3)
         port = free_port()
         receiver = LoggedProcess(
-            [sys.executable, "-m", "tests.otlp_receiver", "--port", str(port)],
+            [sys.executable, "-m", "tests.support.otlp_receiver", "--port", str(port)],
             env=child_env(AMQP_URL),
             name="OTLP receiver",
             ready_event="ready",

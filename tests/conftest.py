@@ -19,7 +19,7 @@ import pytest
 from producer.wire.names import dead_letter_queue
 
 if TYPE_CHECKING:
-    from tests.tls_broker import TlsBroker
+    from tests.support.tls_broker import TlsBroker
 
 
 def _answers(url: str) -> bool:
@@ -113,11 +113,11 @@ async def cleanup_queues(connection: aio_pika.abc.AbstractConnection) -> AsyncIt
 
 @pytest.fixture(scope="session")
 def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
-    """A second, TLS-only RabbitMQ node requiring client certificates, with its certificates (see tests/tls_broker.py).
+    """A second, TLS-only RabbitMQ node requiring client certificates, with them (see tests/support/tls_broker.py).
 
     Skips when ``rabbitmq-server`` is not installed, except under ``CI=true``, where that fails.
     """
-    from tests.tls_broker import TlsBroker, make_pki, rabbitmq_bin
+    from tests.support.tls_broker import TlsBroker, make_pki, rabbitmq_bin
 
     if rabbitmq_bin("rabbitmq-server") is None:
         reason = "no rabbitmq-server here: the TLS tests start a node of their own (apt-get install rabbitmq-server)"

@@ -159,7 +159,7 @@ def _run(settings: settings_mod.Settings) -> int:
 def _inspect(model: Path) -> int:
     from worker.pipelines.tensor import load_pipeline
 
-    pipeline = load_pipeline(settings_mod.Settings(model=model, log_level="warning"))
+    pipeline = load_pipeline(settings_mod.Settings(model=model).model_config)
     print(f"model:     {pipeline.name} (version {pipeline.version})")
     print(f"pipeline:  {type(pipeline).__name__}")
     print(f"providers: {', '.join(pipeline.providers)}")
@@ -184,7 +184,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     console = Console()
     sizes = sorted({int(b) for b in args.batch_sizes.split(",")})
-    pipeline = load_pipeline(settings_mod.Settings(model=args.model, device=args.device, max_batch=max(sizes)))
+    pipeline = load_pipeline(settings_mod.Settings(model=args.model, device=args.device).model_config)
     console.print(f"calibrating {pipeline.name} on {', '.join(pipeline.providers)}: batch sizes {sizes}")
     result = calibrate(
         pipeline,

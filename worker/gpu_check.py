@@ -280,8 +280,8 @@ def compare_devices(model: Path, reference: Path, rows: int = 32) -> tuple[float
     from worker.pipelines.tensor import load_pipeline
     from worker.settings import Settings
 
-    cuda = load_pipeline(Settings(model=model, device="cuda", max_batch=rows, log_level="warning"))
-    cpu = load_pipeline(Settings(model=reference, device="cpu", max_batch=rows, log_level="warning"))
+    cuda = load_pipeline(Settings(model=model, device="cuda").model_config)
+    cpu = load_pipeline(Settings(model=reference, device="cpu").model_config)
     requests = synthetic_requests(cpu, rows)
     worst = 1.0
     for request in requests:

@@ -26,7 +26,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from producer.amqp.tasks import TaskSet
 from producer.wire.errors import ProtocolError
 from producer.wire.metadata import MAX_METADATA_REQUEST_BYTES, is_metadata_request
-from producer.wire.names import HEADER_DEADLINE_MS, HEADER_PUBLISHED_MS
+from producer.wire.names import HEADER_DEADLINE_MS, HEADER_DELIVERY_COUNT, HEADER_PUBLISHED_MS
 from producer.wire.protocol import ErrorCode, InferRequest, decode_request
 from worker.acks import Outcome
 from worker.answering import Replies, clip
@@ -148,7 +148,7 @@ class Intake:
         message = job.message
         if message.redelivered:
             self._metrics.redelivered.inc()
-            count = message.headers.get("x-delivery-count") if message.headers else None
+            count = message.headers.get(HEADER_DELIVERY_COUNT) if message.headers else None
             log.info("redelivered", request_id=clip(job.request_id), delivery_count=clip(count))
             job.suspect = True
             self._on_redelivered()

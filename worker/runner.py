@@ -59,7 +59,7 @@ class ModelRunner:
         """
         loaded_here = pipeline is None
         if pipeline is None:
-            pipeline = await asyncio.to_thread(load_pipeline, settings)
+            pipeline = await asyncio.to_thread(load_pipeline, settings.model_config)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, pipeline.warm_up, settings.max_batch)
         # Timed on its second pass (the first pays for allocation and kernel choice), with nothing
@@ -71,7 +71,9 @@ class ModelRunner:
         if self.one_thread:
             # A model this cheap gains nothing from ONNX Runtime's thread pool and pays, on every
             # run, for waking a pool thread that competes with the loop for the cores: one thread.
-            pipeline = await asyncio.to_thread(load_pipeline, dataclasses.replace(settings, intra_op_threads=1))
+            pipeline = await asyncio.to_thread(
+                load_pipeline, dataclasses.replace(settings.model_config, intra_op_threads=1)
+            )
             await loop.run_in_executor(self._executor, pipeline.warm_up, settings.max_batch)
         return pipeline
 

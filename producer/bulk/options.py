@@ -21,6 +21,7 @@ from producer.wire.errors import InferenceError
 from producer.wire.names import (
     CONTENT_TYPE_MSGPACK,
     DEFAULT_AMQP_URL,
+    DEFAULT_MAX_BATCH,
     DEFAULT_QUEUE,
     DEFAULT_RESULTS_TTL_S,
     check_route_name,
@@ -38,7 +39,7 @@ __all__ = [
     "default_job_id",
 ]
 
-DEFAULT_ROWS_PER_MESSAGE = 64  # measured: bench/bulk_rows_per_message.py; the default worker --max-batch
+DEFAULT_ROWS_PER_MESSAGE = DEFAULT_MAX_BATCH  # measured: bench/bulk_rows_per_message.py; the default worker --max-batch
 DEFAULT_MAX_IN_FLIGHT = 64
 Order = Literal["arrival", "input"]
 

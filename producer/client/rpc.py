@@ -55,7 +55,14 @@ from producer.amqp.urls import connect_failure
 from producer.client.coalesce import Coalescer, lane_key, split_rows
 from producer.wire.errors import ConnectionLostError, ErrorReplyError, ProtocolError, RequestTimeoutError
 from producer.wire.metadata import ModelMetadata, decode_metadata
-from producer.wire.names import CONTENT_TYPE_MSGPACK, DEFAULT_AMQP_URL, DEFAULT_QUEUE, DIRECT_REPLY_TO, check_route_name
+from producer.wire.names import (
+    CONTENT_TYPE_MSGPACK,
+    DEFAULT_AMQP_URL,
+    DEFAULT_MAX_BATCH,
+    DEFAULT_QUEUE,
+    DIRECT_REPLY_TO,
+    check_route_name,
+)
 from producer.wire.protocol import ErrorCode, ErrorReply, InferReply, as_tensor, decode_reply, encode_request
 from producer.wire.rows import concat_rows
 
@@ -66,7 +73,7 @@ log = get_logger("client")
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT_S = 30.0
-DEFAULT_COALESCE_ROWS = 64
+DEFAULT_COALESCE_ROWS = DEFAULT_MAX_BATCH
 TEXT_INPUT = "text"
 
 # Error codes that depend only on what every call of a packed request shares (names, datatypes,

@@ -11,6 +11,9 @@ from typing import Any, Literal
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_QUEUE = "inference"
 
+DEFAULT_MAX_BATCH = 64
+"""Rows per model run by default (the worker's ``--max-batch``); the client coalesces and bulk jobs pack as many."""
+
 # Direct reply-to: the broker routes a reply straight to the RPC client's channel (at-most-once).
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
@@ -29,7 +32,7 @@ KIND_METADATA = "metadata"
 """``x-qinfer-kind`` of a model metadata request: answered with the model's metadata, no model run
 (see :mod:`producer.wire.metadata`)."""
 
-# The rabbitmq header that counts redeliveries on quorum queues.
+# The header RabbitMQ sets on quorum queue redeliveries: how often the message was delivered before.
 HEADER_DELIVERY_COUNT = "x-delivery-count"
 
 QueueType = Literal["quorum", "classic"]
@@ -68,21 +71,12 @@ def results_queue_arguments(ttl_s: float = DEFAULT_RESULTS_TTL_S) -> dict[str, A
     return {"x-queue-type": "quorum", "x-expires": round(ttl_s * 1000)}
 
 
-RESULTS_QUEUE_ARGUMENTS: dict[str, Any] = results_queue_arguments()
-"""The ``x-`` arguments of a bulk job's results queue with the default TTL."""
-
-
 def job_lock_queue(job_id: str) -> str:
     """Name of the exclusive queue whose owner is the one run of a bulk job allowed to collect its replies.
 
     Outside the results-queue name pattern on purpose: workers never publish replies to it.
     """
     return f"bulk-lock.{job_id}"
-
-
-def is_direct_reply_to(reply_to: str) -> bool:
-    """True when ``reply_to`` is a direct reply-to address rather than a real queue."""
-    return reply_to.startswith(DIRECT_REPLY_TO)
 
 
 def request_queue_arguments(

@@ -20,9 +20,9 @@ import numpy as np
 import worker.runner
 from producer.wire.protocol import InferRequest
 from worker.cli import main
+from worker.pipelines.config import ModelConfig
 from worker.pipelines.session import Pipeline
 from worker.pipelines.tensor import load_pipeline
-from worker.settings import Settings
 
 CRASH_ENV = "CHAOS_CRASH_ON"
 
@@ -45,8 +45,8 @@ class CrashingPipeline:
         return self._inner.run(requests)
 
 
-def _load(settings: Settings) -> Pipeline:
-    pipeline = load_pipeline(settings)
+def _load(config: ModelConfig) -> Pipeline:
+    pipeline = load_pipeline(config)
     crash_on = os.environ.get(CRASH_ENV)
     return pipeline if crash_on is None else CrashingPipeline(pipeline, float(crash_on))  # type: ignore[return-value]
 

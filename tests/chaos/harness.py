@@ -54,7 +54,7 @@ from producer.wire.names import (
     results_queue,
 )
 from producer.wire.protocol import ErrorReply, decode_reply, encode_request
-from tests.worker_process import WorkerProcess
+from tests.support.worker_process import WorkerProcess
 
 CHAOS_VHOST = "qinfer-chaos"
 CRASH_VALUE = 666.0
@@ -358,7 +358,7 @@ class Client:
 
 
 # ---------------------------------------------------------------------------------------------
-# Worker processes (started by tests.worker_process, as every test and benchmark starts them)
+# Worker processes (started by tests.support.worker_process, as every test and benchmark starts them)
 
 
 class Supervisor:
@@ -397,7 +397,7 @@ class Supervisor:
 
 def _build_models(root: Path) -> dict[str, Path]:
     from tests.chaos.models import poison_model
-    from tests.models import affine_model, mlp_model
+    from tests.support.models import affine_model, mlp_model
 
     return {
         "affine": affine_model(root / "affine.onnx"),

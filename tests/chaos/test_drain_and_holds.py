@@ -16,8 +16,8 @@ import pytest
 
 from producer.wire.names import CONTENT_TYPE_MSGPACK
 from producer.wire.protocol import InferReply, InferRequest, encode_request
-from tests.models import affine_model
-from tests.workers import RpcClient, Sent, decoded
+from tests.support.models import affine_model
+from tests.support.workers import RpcClient, Sent, decoded
 from worker.acks import AckLedger, reply_retry_delay_s
 from worker.pipelines.tensor import load_pipeline
 from worker.service import Worker
@@ -60,7 +60,7 @@ async def test_readiness_is_false_from_the_start_of_a_drain_and_the_computing_ba
     connection: aio_pika.abc.AbstractConnection,
 ) -> None:
     settings = Settings(amqp_url=amqp_url, model=affine_model(tmp_path / "affine.onnx"), queue=queue, http_port=0)
-    pipeline = GatedPipeline(load_pipeline(settings))
+    pipeline = GatedPipeline(load_pipeline(settings.model_config))
     pipeline.gate.set()  # let the warm-up through
     worker = Worker(settings, pipeline, install_signal_handlers=False)  # type: ignore[arg-type]
     task = asyncio.create_task(worker.run())
@@ -98,7 +98,7 @@ async def test_a_drain_hands_back_a_request_whose_rows_still_wait_even_when_some
     # Batches of 4 rows, and the worker waits for a full one: requests A, B, C of 3 rows each make the
     # batches [A, B's first row] and [B's last two rows, C's first two rows]; C's last row waits.
     settings = Settings(amqp_url=amqp_url, model=model, queue=queue, http_port=0, max_batch=4, max_delay_ms=10000)
-    pipeline = GatedPipeline(load_pipeline(settings))
+    pipeline = GatedPipeline(load_pipeline(settings.model_config))
     pipeline.gate.set()
     worker = Worker(settings, pipeline, install_signal_handlers=False)  # type: ignore[arg-type]
     submitted = asyncio.Event()

@@ -29,14 +29,13 @@ from producer.wire.names import (
     results_queue_arguments,
 )
 from producer.wire.protocol import ErrorCode, encode_error, encode_reply
-from tests.logs import library_events
-from tests.models import affine_model
-from tests.worker_process import REPO_ROOT, WorkerProcess, child_env
+from tests.support.logs import library_events
+from tests.support.models import affine_model
+from tests.support.worker_process import REPO_ROOT, WorkerProcess, child_env
 
 pytestmark = pytest.mark.integration
 
 ROWS = 2000
-WIDTH = 4
 
 # A producer that freezes (its event loop blocked) once it has written `after` rows, and says so
 # on stdout: the test then kills it at a known point, with requests and replies in flight.

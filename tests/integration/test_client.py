@@ -15,8 +15,8 @@ import pytest
 from producer import Client, SyncClient
 from producer.wire.errors import ConnectionLostError, ErrorReplyError, PublishRefusedError, RequestTimeoutError
 from producer.wire.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, dead_letter_queue
-from tests.models import affine_model
-from tests.worker_process import WorkerProcess
+from tests.support.models import affine_model
+from tests.support.worker_process import WorkerProcess
 
 pytestmark = pytest.mark.integration
 

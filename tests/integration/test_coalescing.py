@@ -16,8 +16,8 @@ import pytest
 from producer import Client, SyncClient
 from producer.wire.errors import ErrorReplyError, RequestTimeoutError
 from producer.wire.names import dead_letter_queue, request_queue_arguments
-from tests.models import TEXT_WORDS, affine_model, text_model_folder
-from tests.worker_process import WorkerProcess
+from tests.support.models import TEXT_WORDS, affine_model, text_model_folder
+from tests.support.worker_process import WorkerProcess
 
 pytestmark = pytest.mark.integration
 

@@ -22,9 +22,9 @@ import pytest
 
 from producer.wire.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, DIRECT_REPLY_TO, dead_letter_queue
 from producer.wire.protocol import ErrorReply, InferReply, encode_request
-from tests.models import affine_model
-from tests.worker_process import WorkerProcess
-from tests.workers import RpcClient, Sent, decoded, running_worker
+from tests.support.models import affine_model
+from tests.support.worker_process import WorkerProcess
+from tests.support.workers import RpcClient, Sent, decoded, running_worker
 
 pytestmark = pytest.mark.integration
 

@@ -13,9 +13,9 @@ from producer.loadtest.profiles import Profile
 from producer.loadtest.report import MARKDOWN_SECTIONS, ReportContext, write_report
 from producer.loadtest.runner import LoadRunner, LoadTestError, Target
 from producer.loadtest.stats import OK, summarize
-from tests.models import mlp_model
-from tests.worker_process import WorkerProcess
-from tests.workers import running_worker
+from tests.support.models import mlp_model
+from tests.support.worker_process import WorkerProcess
+from tests.support.workers import running_worker
 
 pytestmark = pytest.mark.integration
 

@@ -28,9 +28,9 @@ from producer.wire.names import (
     version_queue,
 )
 from producer.wire.protocol import decode_reply
-from tests.models import mlp_model, text_model_folder
-from tests.worker_process import REPO_ROOT, child_env
-from tests.workers import RpcClient, Sent, running_worker
+from tests.support.models import mlp_model, text_model_folder
+from tests.support.worker_process import REPO_ROOT, child_env
+from tests.support.workers import RpcClient, Sent, running_worker
 from worker.pipelines.tensor import load_pipeline
 from worker.settings import Settings
 
@@ -67,7 +67,7 @@ async def test_a_worker_answers_a_metadata_request_with_the_oip_shape_and_no_mod
     amqp_url: str, mlp: Path, queue: str, connection: aio_pika.abc.AbstractConnection
 ) -> None:
     settings = Settings(amqp_url=amqp_url, model=mlp, queue=queue, max_batch=32)
-    pipeline = CountingPipeline(load_pipeline(settings))
+    pipeline = CountingPipeline(load_pipeline(settings.model_config))
     async with running_worker(amqp_url, mlp, queue, pipeline=pipeline, max_batch=32):
         async with Client(amqp_url, queue=queue, timeout_s=20) as client:
             metadata = _as_dict(await client.metadata())

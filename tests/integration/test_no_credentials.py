@@ -19,9 +19,9 @@ import pytest
 from producer.amqp.tls import TlsOptions
 from producer.client.rpc import Client
 from producer.wire.errors import BrokerTlsError, ConnectionLostError, ErrorReplyError
-from tests.models import affine_model
-from tests.tls_broker import USER, TlsBroker
-from tests.worker_process import REPO_ROOT, LoggedProcess, WorkerProcess, child_env, worker_command
+from tests.support.models import affine_model
+from tests.support.tls_broker import USER, TlsBroker
+from tests.support.worker_process import REPO_ROOT, LoggedProcess, WorkerProcess, child_env, worker_command
 
 pytestmark = pytest.mark.integration
 

@@ -20,8 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from producer.wire.names import CONTENT_TYPE_MSGPACK
 from producer.wire.protocol import InferReply, encode_request
-from tests.models import mlp_model
-from tests.workers import RpcClient, Sent, decoded
+from tests.support.models import mlp_model
+from tests.support.workers import RpcClient, Sent, decoded
 from worker.pipelines.tensor import load_pipeline
 from worker.service import Worker
 from worker.settings import Settings
@@ -116,7 +116,7 @@ async def served(
 ) -> AsyncIterator[tuple[Worker, str]]:
     """A worker with its HTTP server on a free port; yields it and its base URL once it runs."""
     settings = Settings(amqp_url=amqp_url, model=model, queue=queue, http_port=_free_port(), **overrides)
-    worker = Worker(settings, pipeline or load_pipeline(settings), install_signal_handlers=False)
+    worker = Worker(settings, pipeline or load_pipeline(settings.model_config), install_signal_handlers=False)
     task = asyncio.create_task(worker.run())
     try:
         yield worker, f"http://127.0.0.1:{settings.http_port}"
@@ -159,7 +159,7 @@ async def test_readiness_follows_warm_up_consuming_and_drain(
     connection: aio_pika.abc.AbstractConnection,
 ) -> None:
     settings = Settings(model=model)
-    pipeline = GatedPipeline(load_pipeline(settings))
+    pipeline = GatedPipeline(load_pipeline(settings.model_config))
     async with served(amqp_url, model, queue, pipeline) as (worker, base):
         await asyncio.to_thread(pipeline.warm_up_started.wait, WAIT_S)
         assert await get(http, f"{base}/livez") == (200, {"alive": True})
@@ -198,7 +198,7 @@ async def test_readiness_is_false_while_a_full_window_settles_nothing_and_return
     http: aiohttp.ClientSession,
     connection: aio_pika.abc.AbstractConnection,
 ) -> None:
-    pipeline = GatedPipeline(load_pipeline(Settings(model=model)))
+    pipeline = GatedPipeline(load_pipeline(Settings(model=model).model_config))
     pipeline.warm_up_gate.set()
     async with served(amqp_url, model, queue, pipeline, prefetch=2, stall_s=1) as (worker, base):
         await worker.consuming_event.wait()

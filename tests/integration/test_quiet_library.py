@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.models import affine_model
-from tests.worker_process import REPO_ROOT, child_env
-from tests.workers import running_worker
+from tests.support.models import affine_model
+from tests.support.worker_process import REPO_ROOT, child_env
+from tests.support.workers import running_worker
 
 pytestmark = pytest.mark.integration
 

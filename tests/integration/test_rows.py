@@ -12,8 +12,8 @@ import pytest
 from producer.wire.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, dead_letter_queue
 from producer.wire.protocol import ErrorReply, InferReply, InferRequest, encode_request
 from tests.chaos.models import POISON_VALUE, poison_model
-from tests.models import TEXT_WORDS, text_model_folder
-from tests.workers import RpcClient, Sent, decoded, running_worker
+from tests.support.models import TEXT_WORDS, text_model_folder
+from tests.support.workers import RpcClient, Sent, decoded, running_worker
 from worker.broker import declare_request_queue
 from worker.pipelines.tensor import load_pipeline
 from worker.settings import Settings
@@ -87,7 +87,7 @@ async def test_texts_of_many_packed_requests_share_runs_and_each_request_equals_
     ]
     sent = [Sent(encode_request({"text": texts}, CONTENT_TYPE_JSON)) for texts in packed]
     replies = await _publish_then_serve(amqp_url, folder, queue, connection, sent)
-    pipeline = load_pipeline(Settings(model=folder))
+    pipeline = load_pipeline(Settings(model=folder).model_config)
     for texts, reply in zip(packed, replies, strict=True):
         assert isinstance(reply, InferReply), reply
         request = InferRequest(id="", inputs={"text": np.array(texts, dtype=object)})

@@ -19,8 +19,8 @@ import aio_pika
 import pytest
 
 from producer.exit_codes import ExitCode
-from tests.models import affine_model
-from tests.workers import running_worker
+from tests.support.models import affine_model
+from tests.support.workers import running_worker
 
 pytestmark = pytest.mark.integration
 

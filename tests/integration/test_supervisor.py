@@ -1,6 +1,6 @@
 """``worker run --processes N`` against the real broker: one supervisor, N consumer processes.
 
-Each test starts the supervisor through :mod:`tests.worker_process` and waits on its log events
+Each test starts the supervisor through :mod:`tests.support.worker_process` and waits on its log events
 (its consumer processes log to the same stream, each line with its ``child`` slot).
 """
 
@@ -18,9 +18,9 @@ import pytest
 
 from producer.wire.names import CONTENT_TYPE_MSGPACK as MSGPACK
 from producer.wire.protocol import InferReply, encode_request
-from tests.models import mlp_model
-from tests.worker_process import WorkerProcess
-from tests.workers import RpcClient, Sent, decoded
+from tests.support.models import mlp_model
+from tests.support.worker_process import WorkerProcess
+from tests.support.workers import RpcClient, Sent, decoded
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

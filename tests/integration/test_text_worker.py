@@ -19,7 +19,7 @@ from tests.integration.test_minilm_reference import (  # noqa: F401  (fixtures)
     minilm_folder,
     reference,
 )
-from tests.workers import RpcClient, Sent, decoded, running_worker
+from tests.support.workers import RpcClient, Sent, decoded, running_worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -20,9 +20,9 @@ import pytest
 from producer.amqp.tls import TlsOptions, connect
 from producer.client.rpc import Client
 from producer.wire.errors import BrokerTlsError
-from tests.models import affine_model
-from tests.tls_broker import Pki, TlsBroker
-from tests.worker_process import REPO_ROOT, LoggedProcess, WorkerProcess, child_env, worker_command
+from tests.support.models import affine_model
+from tests.support.tls_broker import Pki, TlsBroker
+from tests.support.worker_process import REPO_ROOT, LoggedProcess, WorkerProcess, child_env, worker_command
 
 pytestmark = pytest.mark.integration
 

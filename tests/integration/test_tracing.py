@@ -24,10 +24,10 @@ from producer.wire.errors import ErrorReplyError
 from producer.wire.names import CONTENT_TYPE_MSGPACK, HEADER_DEADLINE_MS
 from producer.wire.protocol import ErrorReply, InferReply, encode_request
 from tests.integration.test_observability import GatedPipeline
-from tests.models import mlp_model
-from tests.otlp_receiver import OtlpReceiver
-from tests.worker_process import WorkerProcess
-from tests.workers import RpcClient, Sent, decoded, running_worker
+from tests.support.models import mlp_model
+from tests.support.otlp_receiver import OtlpReceiver
+from tests.support.worker_process import WorkerProcess
+from tests.support.workers import RpcClient, Sent, decoded, running_worker
 from worker.pipelines.tensor import load_pipeline
 from worker.service import Worker
 from worker.settings import Settings
@@ -154,7 +154,7 @@ async def test_a_batch_of_n_requests_is_one_model_run_span_linked_to_each(
     exporter: InMemorySpanExporter,
 ) -> None:
     n = 6
-    pipeline = GatedPipeline(load_pipeline(Settings(model=model)))
+    pipeline = GatedPipeline(load_pipeline(Settings(model=model).model_config))
     pipeline.warm_up_gate.set()
     async with traced_worker(amqp_url, model, queue, provider, pipeline, max_batch=64):
         rpc = await RpcClient.open(connection)

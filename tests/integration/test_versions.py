@@ -22,8 +22,8 @@ from producer.bulk.job import BulkJob, BulkOptions, JobFailedError
 from producer.wire.errors import PublishRefusedError
 from producer.wire.names import dead_letter_queue, model_exchange, results_queue, version_queue
 from producer.wire.protocol import encode_request
-from tests.models import affine_model
-from tests.worker_process import WorkerProcess
+from tests.support.models import affine_model
+from tests.support.worker_process import WorkerProcess
 from worker.broker import declare_request_queue
 from worker.errors import BrokerRouteError
 from worker.settings import Settings
@@ -54,7 +54,7 @@ async def model_name(amqp_url: str) -> AsyncIterator[str]:
 
 async def serve_version(amqp_url: str, model: str, version: str, weight: int) -> None:
     """What a worker of ``version`` does to the broker at start: declare the route and its queue, bind its weight."""
-    settings = Settings(amqp_url=amqp_url, model_name=model, model_version=version, traffic_weight=weight)
+    settings = Settings.from_env({}, amqp_url=amqp_url, model_name=model, model_version=version, traffic_weight=weight)
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         await declare_request_queue(await connection.channel(), settings)
@@ -142,7 +142,7 @@ async def test_a_worker_refuses_a_route_name_taken_by_another_exchange(amqp_url:
     async with connection:
         channel = await connection.channel()
         await channel.declare_exchange(model_exchange(model_name), "direct", durable=True)
-        settings = Settings(amqp_url=amqp_url, model_name=model_name, model_version="1", traffic_weight=1)
+        settings = Settings.from_env({}, amqp_url=amqp_url, model_name=model_name, model_version="1", traffic_weight=1)
         with pytest.raises(BrokerRouteError, match="exists with another type"):
             await declare_request_queue(await connection.channel(), settings)
 

@@ -14,8 +14,8 @@ import pytest
 
 from producer.wire.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, dead_letter_queue
 from producer.wire.protocol import ErrorReply, InferReply, encode_request
-from tests.models import affine_model, mlp_model, two_io_model
-from tests.workers import RpcClient, Sent, decoded, running_worker
+from tests.support.models import affine_model, mlp_model, two_io_model
+from tests.support.workers import RpcClient, Sent, decoded, running_worker
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""The worker-process launcher (tests.worker_process) against small real child processes; no broker."""
+"""The worker-process launcher (tests.support.worker_process) against small real child processes; no broker."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.worker_process import REPO_ROOT, LoggedProcess, child_env, metric_value, parse_line, worker_command
+from tests.support.worker_process import REPO_ROOT, LoggedProcess, child_env, metric_value, parse_line, worker_command
 
 CHILD = """
 import json, signal, sys

@@ -8,7 +8,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from tests.models import two_io_model
+from tests.support.models import two_io_model
 from worker.calibrate import Calibration, calibrate, measure_intake, plan_capacity, synthetic_requests
 from worker.cli import main
 from worker.pipelines.tensor import TensorPipeline
@@ -17,7 +17,7 @@ from worker.settings import Settings
 
 def test_calibration_measures_each_size_and_keeps_the_target_above_prefetch(tmp_path: Path) -> None:
     model = two_io_model(tmp_path / "m.onnx")
-    pipeline = TensorPipeline.load(model, Settings(model=model))
+    pipeline = TensorPipeline.load(model, Settings(model=model).model_config)
     for request in synthetic_requests(pipeline, 3):
         pipeline.prepare(request, max_rows=1)  # synthetic requests fit the model
     result = calibrate(pipeline, [1, 4, 16], queueing_delay_s=0.001, seconds_per_size=0.05)
@@ -72,5 +72,5 @@ def test_the_target_stays_above_what_one_pod_holds_and_the_values_paste_into_the
 
 def test_intake_is_measured_per_message(tmp_path: Path) -> None:
     model = two_io_model(tmp_path / "m.onnx")
-    pipeline = TensorPipeline.load(model, Settings(model=model))
+    pipeline = TensorPipeline.load(model, Settings(model=model).model_config)
     assert 0 < measure_intake(pipeline, rows_per_message=4, seconds=0.05) < 0.1

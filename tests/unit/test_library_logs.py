@@ -12,7 +12,7 @@ import pytest
 import structlog
 
 from producer.amqp.logs import ROOT_LOGGER, add_library_fields, format_event, get_logger
-from tests.logs import library_events
+from tests.support.logs import library_events
 
 
 def test_library_loggers_are_stdlib_loggers_under_qinfer_with_a_null_handler() -> None:

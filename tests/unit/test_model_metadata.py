@@ -17,7 +17,7 @@ from producer.wire.metadata import (
 )
 from producer.wire.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, HEADER_KIND, KIND_METADATA
 from producer.wire.protocol import ErrorReply, encode_error
-from tests.models import mlp_model, text_model_folder
+from tests.support.models import mlp_model, text_model_folder
 from worker.metadata import MetadataReplies, model_metadata
 from worker.pipelines.tensor import load_pipeline
 from worker.settings import Settings
@@ -74,7 +74,7 @@ def test_only_the_metadata_kind_marks_a_metadata_request(headers: dict[str, obje
 
 def test_a_tensor_model_lists_its_tensors_with_free_dimensions_as_minus_1_and_no_text_limits(tmp_path: Path) -> None:
     settings = Settings(model=mlp_model(tmp_path / "mlp.onnx", width=16, hidden=8, layers=1), max_batch=32)
-    metadata = model_metadata(load_pipeline(settings), settings)
+    metadata = model_metadata(load_pipeline(settings.model_config), settings)
     assert (metadata.name, metadata.versions, metadata.platform) == ("mlp", ["1"], "onnxruntime_onnx")
     assert metadata.inputs == [TensorMetadata(name="x", datatype="FP32", shape=[-1, 16])]
     assert metadata.outputs == [TensorMetadata(name="y", datatype="FP32", shape=[-1, 8])]
@@ -85,7 +85,7 @@ def test_a_tensor_model_lists_its_tensors_with_free_dimensions_as_minus_1_and_no
 def test_a_text_model_names_its_text_limits(tmp_path: Path) -> None:
     folder = text_model_folder(tmp_path / "text", dim=4)  # the model takes up to 64 positions
     settings = Settings(model=folder, max_text_bytes=1000, max_text_length=20)
-    metadata = model_metadata(load_pipeline(settings), settings)
+    metadata = model_metadata(load_pipeline(settings.model_config), settings)
     assert metadata.inputs == [TensorMetadata(name="text", datatype="BYTES", shape=[-1])]
     assert metadata.outputs == [TensorMetadata(name="embedding", datatype="FP32", shape=[-1, 4])]
     assert metadata.parameters["max_text_bytes"] == 1000
@@ -94,15 +94,15 @@ def test_a_text_model_names_its_text_limits(tmp_path: Path) -> None:
 
 def test_a_routed_text_model_takes_its_version_from_the_settings_not_its_manifest(tmp_path: Path) -> None:
     folder = text_model_folder(tmp_path / "text")  # the manifest has no version: "1"
-    routed = Settings(model=folder, model_name="tiny", model_version="7", traffic_weight=10)
-    assert load_pipeline(routed).version == "7"
-    assert model_metadata(load_pipeline(routed), routed).versions == ["7"]
-    assert load_pipeline(Settings(model=folder)).version == "1"
+    routed = Settings.from_env({}, model=folder, model_name="tiny", model_version="7", traffic_weight=10)
+    assert load_pipeline(routed.model_config).version == "7"
+    assert model_metadata(load_pipeline(routed.model_config), routed).versions == ["7"]
+    assert load_pipeline(Settings(model=folder).model_config).version == "1"
 
 
 def test_the_reply_body_follows_the_request_encoding(tmp_path: Path) -> None:
     settings = Settings(model=mlp_model(tmp_path / "mlp.onnx", width=16, hidden=8, layers=1))
-    replies = MetadataReplies(load_pipeline(settings), settings)
+    replies = MetadataReplies(load_pipeline(settings.model_config), settings)
     body, content_type = replies.body(CONTENT_TYPE_MSGPACK)
     assert content_type == CONTENT_TYPE_MSGPACK
     assert decode_metadata(body, content_type) == replies.metadata

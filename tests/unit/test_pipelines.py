@@ -13,7 +13,7 @@ import pytest
 from producer.wire.errors import CLIP_CHARS, ProtocolError
 from producer.wire.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK
 from producer.wire.protocol import ErrorCode, InferRequest, decode_request, encode_request
-from tests.models import affine_model, text_model_folder
+from tests.support.models import affine_model, text_model_folder
 from worker.pipelines.tensor import TensorPipeline, load_pipeline
 from worker.pipelines.text import TextEmbeddingPipeline
 from worker.settings import Settings
@@ -24,7 +24,7 @@ MAX_ROWS = 8
 @pytest.fixture(scope="module")
 def tensor_pipeline(tmp_path_factory: pytest.TempPathFactory) -> TensorPipeline:
     model = affine_model(tmp_path_factory.mktemp("affine") / "affine.onnx")
-    return TensorPipeline.load(model, Settings(model=model))
+    return TensorPipeline.load(model, Settings(model=model).model_config)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def text_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def text_pipeline(text_folder: Path) -> TextEmbeddingPipeline:
-    pipeline = load_pipeline(Settings(model=text_folder, max_text_bytes=64))
+    pipeline = load_pipeline(Settings(model=text_folder, max_text_bytes=64).model_config)
     assert isinstance(pipeline, TextEmbeddingPipeline)
     return pipeline
 
@@ -141,9 +141,9 @@ def test_a_tensor_request_is_one_piece_and_splits_into_views(tensor_pipeline: Te
 
 
 def test_load_takes_the_text_byte_bound_from_settings(text_folder: Path) -> None:
-    bounded = TextEmbeddingPipeline.load(text_folder, Settings(model=text_folder, max_text_bytes=100))
+    bounded = TextEmbeddingPipeline.load(text_folder, Settings(model=text_folder, max_text_bytes=100).model_config)
     assert bounded.max_text_bytes == 100
-    assert TextEmbeddingPipeline.load(text_folder, Settings(model=text_folder)).max_text_bytes == 64 * 1024
+    assert TextEmbeddingPipeline.load(text_folder, Settings(model=text_folder).model_config).max_text_bytes == 64 * 1024
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ from hypothesis.extra import numpy as hnp
 from producer.wire.errors import ProtocolError
 from producer.wire.names import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK
 from producer.wire.protocol import DATATYPES, decode_reply, decode_request, encode_request
-from tests.models import TEXT_WORDS, mlp_model, text_model_folder
+from tests.support.models import TEXT_WORDS, mlp_model, text_model_folder
 from worker.pipelines.session import Pipeline
 from worker.pipelines.tensor import TensorPipeline
 from worker.pipelines.text import TextEmbeddingPipeline
@@ -54,8 +54,8 @@ def pipelines(tmp_path_factory: pytest.TempPathFactory) -> list[Pipeline]:
     mlp = mlp_model(folder / "mlp.onnx", width=4, hidden=4, layers=1)
     text = text_model_folder(folder / "text")
     return [
-        TensorPipeline.load(mlp, Settings(model=mlp)),
-        TextEmbeddingPipeline.load(text, Settings(model=text, max_text_bytes=64)),
+        TensorPipeline.load(mlp, Settings(model=mlp).model_config),
+        TextEmbeddingPipeline.load(text, Settings(model=text, max_text_bytes=64).model_config),
     ]
 
 

@@ -25,7 +25,7 @@ def test_names_that_would_break_route_names_are_refused(model: str, version: str
 
 
 def test_a_weight_makes_the_worker_consume_its_version_queue() -> None:
-    settings = Settings(model_name="minilm", model_version="2", traffic_weight=10, queue="inference")
+    settings = Settings.from_env({}, model_name="minilm", model_version="2", traffic_weight=10, queue="inference")
     assert (settings.routed, settings.queue) == (True, "model.minilm.v2")
     assert not Settings().routed
     assert Settings.from_env({"WORKER_TRAFFIC_WEIGHT": ""}).traffic_weight is None

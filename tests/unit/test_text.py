@@ -17,7 +17,7 @@ import pytest
 
 from producer.wire.errors import ProtocolError
 from producer.wire.protocol import ErrorCode
-from tests.models import make_tokenizer
+from tests.support.models import make_tokenizer
 from worker.pipelines.manifest import MANIFEST_FILE, ManifestError
 from worker.pipelines.text_steps import (
     TextPipeline,

@@ -10,7 +10,7 @@ import pytest
 from producer.amqp.tls import TlsOptions, describe_failure, find_tls_error, ssl_context
 from producer.amqp.urls import broker_url, read_url_file, redact_argv
 from producer.wire.errors import BrokerTlsError
-from tests.tls_broker import Pki, make_pki
+from tests.support.tls_broker import Pki, make_pki
 from worker.settings import Settings, SettingsError
 
 URL = "amqps://svc-user:s3cr3t-pw@rabbit.example:5671/"

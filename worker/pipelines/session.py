@@ -19,7 +19,7 @@ from producer.wire.errors import ProtocolError
 from producer.wire.protocol import DATATYPES, ErrorCode, InferRequest
 from worker.batching import Arrays
 from worker.errors import ModelLoadError
-from worker.settings import Settings
+from worker.pipelines.config import ModelConfig
 
 __all__ = ["Part", "Pipeline", "TensorSpec", "check_rows", "choose_providers", "open_session", "spec_of"]
 
@@ -161,8 +161,8 @@ def choose_providers(device: str, device_id: int) -> list[Any]:
     return ["CPUExecutionProvider"]
 
 
-def open_session(path: Path, settings: Settings) -> ort.InferenceSession:
-    """An ONNX Runtime session on the device ``settings`` asks for.
+def open_session(path: Path, config: ModelConfig) -> ort.InferenceSession:
+    """An ONNX Runtime session of the model file ``path`` on the device ``config`` asks for.
 
     Raises:
         ModelLoadError: when the file is missing or invalid, or CUDA was required but is not in use.
@@ -171,19 +171,19 @@ def open_session(path: Path, settings: Settings) -> ort.InferenceSession:
         raise ModelLoadError(f"model file {path} does not exist")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if settings.intra_op_threads:
-        options.intra_op_num_threads = settings.intra_op_threads
+    if config.intra_op_threads:
+        options.intra_op_num_threads = config.intra_op_threads
     options.log_severity_level = 3
     # The worker's event loop shares the CPU with ONNX Runtime's threads: idle threads must sleep,
     # not spin, or they steal the cores the loop needs to receive and reply.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         session = ort.InferenceSession(
-            os.fspath(path), sess_options=options, providers=choose_providers(settings.device, settings.device_id)
+            os.fspath(path), sess_options=options, providers=choose_providers(config.device, config.device_id)
         )
     except Exception as e:  # ORT raises its own untyped errors for bad files
         raise ModelLoadError(f"ONNX Runtime could not load {path}: {e}") from e
-    if settings.device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+    if config.device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
         raise ModelLoadError(
             "--device cuda, but ONNX Runtime fell back to the CPU: no usable GPU or CUDA/cuDNN libraries "
             "(check nvidia-smi and the CUDA 13 runtime libraries), or run with --device cpu"

@@ -20,8 +20,8 @@ from producer.wire.protocol import ErrorCode, InferRequest, numpy_to_datatype
 from producer.wire.rows import concat_rows, split_rows
 from worker.batching import Arrays
 from worker.errors import ModelLoadError
+from worker.pipelines.config import ModelConfig
 from worker.pipelines.session import Part, Pipeline, TensorSpec, check_rows, choose_providers, open_session, spec_of
-from worker.settings import Settings
 
 __all__ = ["Pipeline", "TensorPipeline", "TensorSpec", "choose_providers", "load_pipeline", "open_session"]
 
@@ -39,9 +39,9 @@ class TensorPipeline:
         self._output_names = list(self.outputs)
 
     @classmethod
-    def load(cls, path: Path, settings: Settings) -> TensorPipeline:
-        name = settings.model_name or path.stem
-        return cls(open_session(path, settings), name=name, version=settings.model_version)
+    def load(cls, path: Path, config: ModelConfig) -> TensorPipeline:
+        """Open an ONNX Runtime session of the model file ``path`` (not ``config.path``: that may be its folder)."""
+        return cls(open_session(path, config), name=config.name or path.stem, version=config.version)
 
     def prepare(self, request: InferRequest, *, max_rows: int) -> InferRequest:
         """Check a request's tensors against the model's inputs and its requested outputs.
@@ -132,21 +132,21 @@ class TensorPipeline:
             self.session.run(self._output_names, feeds)
 
 
-def load_pipeline(settings: Settings) -> Pipeline:
-    """The pipeline for ``settings.model``: a model folder with a manifest, or a bare ``.onnx`` file.
+def load_pipeline(config: ModelConfig) -> Pipeline:
+    """The pipeline for ``config.path``: a model folder with a manifest, or a bare ``.onnx`` file.
 
     Raises:
         ModelLoadError: with what is missing and how to get it.
     """
-    path = settings.model
+    path = config.path
     if path.is_dir():
         manifest = path / "model.json"
         if manifest.is_file():
             from worker.pipelines.text import TextEmbeddingPipeline  # imports the tokenizer only when needed
 
-            return TextEmbeddingPipeline.load(path, settings)
+            return TextEmbeddingPipeline.load(path, config)
         path = path / "model.onnx"
     if not path.exists():
         hint = " (build the default model with `make model`)" if "all-MiniLM-L6-v2" in os.fspath(path) else ""
-        raise ModelLoadError(f"no model at {settings.model}{hint}; pass --model PATH or set WORKER_MODEL")
-    return TensorPipeline.load(path, settings)
+        raise ModelLoadError(f"no model at {config.path}{hint}; pass --model PATH or set WORKER_MODEL")
+    return TensorPipeline.load(path, config)

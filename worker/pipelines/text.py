@@ -19,13 +19,10 @@ import numpy as np
 from producer.wire.errors import ProtocolError, clip
 from producer.wire.protocol import ErrorCode, InferRequest
 from worker.batching import Arrays
+from worker.pipelines.config import ModelConfig
 from worker.pipelines.manifest import ManifestError, load_manifest
 from worker.pipelines.session import Part, TensorSpec, check_rows, open_session
 from worker.pipelines.text_steps import IdArray, TextPipeline, texts_from_tensor
-from worker.settings import Settings
-
-DEFAULT_MAX_TEXT_BYTES = Settings.max_text_bytes
-"""Most UTF-8 bytes per text when no bound is given (the default of ``WORKER_MAX_TEXT_BYTES``)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -39,17 +36,15 @@ class Tokenized:
 class TextEmbeddingPipeline:
     """The worker's pipeline for a ``text-embedding`` model folder (see ``worker.pipelines.manifest``)."""
 
-    def __init__(
-        self, text: TextPipeline, session: Any, *, group_by_length: bool, max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES
-    ) -> None:
+    def __init__(self, text: TextPipeline, session: Any, *, group_by_length: bool, max_text_bytes: int) -> None:
         """Serve ``text`` (tokenizer, padding, pooling) with the ONNX Runtime ``session`` of its model.
 
         Args:
             text: the model folder's text pipeline.
             session: an ONNX Runtime session of the model (see :func:`worker.pipelines.session.open_session`).
             group_by_length: let the batcher put texts of similar token length together.
-            max_text_bytes: most UTF-8 bytes per text, checked before tokenizing (``WORKER_MAX_TEXT_BYTES``,
-                default 64 KiB); a longer text gets ``text_too_long``.
+            max_text_bytes: most UTF-8 bytes per text, checked before tokenizing (``WORKER_MAX_TEXT_BYTES``); a
+                longer text gets ``text_too_long``.
         """
         self.text = text
         self.max_text_bytes = max_text_bytes
@@ -64,7 +59,7 @@ class TextEmbeddingPipeline:
         self._fetch = [text.hidden_state]
 
     @classmethod
-    def load(cls, folder: Path, settings: Settings) -> TextEmbeddingPipeline:
+    def load(cls, folder: Path, config: ModelConfig) -> TextEmbeddingPipeline:
         """Load the manifest, the tokenizer and an ONNX Runtime session for ``folder``.
 
         Raises:
@@ -72,8 +67,8 @@ class TextEmbeddingPipeline:
             ModelLoadError: when ONNX Runtime cannot load the model on the requested device.
         """
         manifest = load_manifest(folder)
-        session = open_session(manifest.model_path, settings)
-        max_length = min(settings.max_text_length, manifest.max_positions)
+        session = open_session(manifest.model_path, config)
+        max_length = min(config.max_text_length, manifest.max_positions)
         try:
             text = TextPipeline(
                 manifest,
@@ -83,11 +78,11 @@ class TextEmbeddingPipeline:
             )
         except ManifestError:
             raise
-        pipeline = cls(text, session, group_by_length=settings.group_by_length, max_text_bytes=settings.max_text_bytes)
-        if settings.model_name:
-            pipeline.name = settings.model_name
-        if settings.routed:  # a version of a model's route: the version is the worker's, as for tensor models
-            pipeline.version = settings.model_version
+        pipeline = cls(text, session, group_by_length=config.group_by_length, max_text_bytes=config.max_text_bytes)
+        if config.name:
+            pipeline.name = config.name
+        if config.routed:  # a version of a model's route: the version is the worker's, as for tensor models
+            pipeline.version = config.version
         return pipeline
 
     def prepare(self, request: InferRequest, *, max_rows: int) -> Tokenized:

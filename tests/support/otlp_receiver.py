@@ -4,7 +4,7 @@
 serves until SIGTERM and only counts spans (a sink for the tracing benchmark), printing one JSON
 line ``{"event": "ready", "port": N}`` when it listens and ``{"event": "received", "spans": N}`` at exit.
 
-Usage: python -m tests.otlp_receiver [--port 0]
+Usage: python -m tests.support.otlp_receiver [--port 0]
 """
 
 from __future__ import annotations

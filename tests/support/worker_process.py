@@ -18,7 +18,7 @@ share its stdout, so their events arrive in the same stream, each carrying its `
     async with WorkerProcess(amqp_url, model, queue, http_port=port) as worker:  # harness, benchmarks
         ...
 
-The benchmarks import this module (as they import :mod:`tests.models`): it is test tooling, and a
+The benchmarks import this module (as they import :mod:`tests.support.models`): it is test tooling, and a
 benchmark is a test that prints ratios instead of asserting them.
 """
 
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 60.0
 """How long a worker may take to load and warm its model and start consuming."""
 STOP_GRACE_S = 30.0

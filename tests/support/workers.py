@@ -1,6 +1,6 @@
 """Test helpers: an in-process worker, and an RPC client that publishes many requests at once.
 
-Worker processes start through :mod:`tests.worker_process`.
+Worker processes start through :mod:`tests.support.worker_process`.
 """
 
 from __future__ import annotations
@@ -41,8 +41,10 @@ async def running_worker(
         tracer_provider: where the worker's spans go (default: the global provider).
         settings: more :class:`Settings` fields.
     """
-    s = Settings(amqp_url=amqp_url, model=model, queue=queue, http_port=0, **settings)
-    worker = Worker(s, pipeline or load_pipeline(s), install_signal_handlers=False, tracer_provider=tracer_provider)
+    s = Settings.from_env({}, amqp_url=amqp_url, model=model, queue=queue, http_port=0, **settings)
+    worker = Worker(
+        s, pipeline or load_pipeline(s.model_config), install_signal_handlers=False, tracer_provider=tracer_provider
+    )
     task = asyncio.create_task(worker.run())
     started = asyncio.create_task(worker.consuming_event.wait())
     await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
