@@ -202,7 +202,7 @@ def test_the_schema_rejects_a_test_request_that_cannot_work(tests: dict[str, Any
         chart.validate_schema(chart.merge_values(deep_merge(INSTALL_TIME_CREDENTIALS, {"tests": tests})))
 
 
-EXPECTED = {"queue": "inference", "model_name": "m", "model_version": "1", "release": "r"}
+EXPECTED = {"queue": "inference", "model_name": "m", "model_version": "1", "release": "r", "timeout_s": 5.0}
 
 
 @pytest.mark.parametrize(
