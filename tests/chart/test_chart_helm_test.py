@@ -14,7 +14,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
-from producer import tls, urls
+from producer.amqp import tls, urls
 from producer.cli import build_parser as producer_parser
 from tests.chart.helpers import (
     HELM_TEST_SCRIPT,

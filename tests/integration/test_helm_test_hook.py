@@ -18,7 +18,7 @@ from typing import Any
 import aio_pika
 import pytest
 
-from producer.names import dead_letter_queue
+from producer.wire.names import dead_letter_queue
 from tests.chart.helpers import INSTALL_TIME_CREDENTIALS, INSTALL_TIME_TLS_CREDENTIALS, deep_merge, hook_pod, render
 from tests.models import text_model_folder
 from tests.tls_broker import TlsBroker
