@@ -162,6 +162,7 @@ def test_notes_say_what_was_installed_and_how_to_send_a_request() -> None:
     assert "Scaled to zero" in notes
     assert '"producer","send"' in notes
     assert '"datatype":"BYTES"' in notes
+    assert "helm test qinfer -n inference --logs" in notes
 
 
 def test_defaults_without_credentials_fail_with_a_message_naming_what_to_set() -> None:
