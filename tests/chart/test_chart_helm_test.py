@@ -7,6 +7,7 @@ script's verdicts against a real broker and worker are in tests/integration/test
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,11 @@ def test_the_hook_sends_a_real_producer_command_to_the_queue_the_workers_consume
     values = Helm.load_chart().merge_values(scenario.values())
     args = script_args(pod)
     script = load_helm_test_script()
-    sent = producer_parser().parse_args(script.producer_argv(args.queue, args.request, args.timeout_s))
+    argv = script.producer_argv(args.queue, args.request, args.timeout_s)
+    sent = producer_parser().parse_args(argv)
+    (send,) = (a.choices["send"] for a in producer_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    flags = [token for token in argv if token.startswith("--")]
+    assert set(flags) <= set(send._option_string_actions), "every flag spelt out in full (no abbreviations)"
     settings = worker_settings(rendered, tmp_path)
     assert sent.command == "send"
     assert sent.queue == settings.queue
