@@ -4,12 +4,14 @@ The command and environment come from the hook Pod as Helm renders it (templates
 ``python`` becomes this interpreter and the Secret files the Pod mounts become local files. The hook must pass on
 a result reply from the release's model and fail, exit 1 with one line saying what went wrong, on an error reply,
 a reply from another model, no worker consuming, and no queue at all; and it must speak mutual TLS when the
-release does.
+release does. The verdict rests on the reply and the time waited, not on the producer's exit status, so the hook
+judges images of older clients the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 import uuid
 from pathlib import Path
@@ -131,7 +133,9 @@ async def test_the_hook_fails_when_the_queue_does_not_exist(release_queue: str, 
     code, lines = await run_hook(hook(release_queue), url_file)
     assert code == 1
     (line,) = lines
-    assert line.startswith(f"FAIL: no reply on queue '{release_queue}' (producer exit 1): the broker refused")
+    where = re.escape(f"queue '{release_queue}'")
+    assert re.match(rf"FAIL: no reply on {where} \(producer exit [1-9][0-9]*\): ", line), line
+    assert "NO_ROUTE" in line
     assert "the release's workers declare it when they start" in line
 
 
@@ -156,6 +160,6 @@ async def test_the_hook_speaks_mutual_tls_with_the_files_the_release_mounts(
         )
     assert code == 1
     (line,) = lines
-    assert line.startswith(f"FAIL: no reply on queue '{queue}' (producer exit 1): ")
-    assert "TLS" in line or "certificate" in line
+    assert re.match(rf"FAIL: no reply on queue '{re.escape(queue)}' \(producer exit [1-9][0-9]*\): TLS: ", line), line
+    assert "expired" in line
     assert tls_broker.password not in line
