@@ -46,6 +46,10 @@ broker: ## Make sure a RabbitMQ broker answers at AMQP_URL (starts a local one, 
 chart-lint: install ## Lint and render the Helm chart per scenario; check it against Kubernetes, KEDA and the worker
 	$(BIN)/pytest -q tests/chart
 
+.PHONY: chart-docs
+chart-docs: install ## Regenerate the chart's README (every value: type, default, meaning) from values.yaml and its schema
+	$(BIN)/python scripts/chart_readme.py
+
 # IMAGE: the tag to build; MODEL_SOURCE=none leaves the model out of the image (mount it at run time).
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -n 1)
 IMAGE ?= qinfer:$(VERSION)

@@ -8,7 +8,9 @@ not name an existing Secret.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO_ROOT / "charts" / "qinfer"
+HELM_TEST_SCRIPT = CHART_DIR / "files" / "helm_test.py"
 RELEASE_NAME = "qinfer"
 NAMESPACE = "inference"
 
@@ -180,6 +183,41 @@ class Rendered:
 def api_group(doc: dict[str, Any]) -> str:
     api_version: str = doc["apiVersion"]
     return api_version.split("/")[0] if "/" in api_version else ""
+
+
+def hook_pod(rendered: Rendered) -> dict[str, Any] | None:
+    """The ``helm test`` hook Pod, or None when the scenario renders none."""
+    pods = [doc for doc in rendered.of_kind("Pod") if doc["metadata"].get("annotations", {}).get("helm.sh/hook")]
+    assert len(pods) <= 1, f"expected at most one test Pod, rendered {len(pods)}"
+    return pods[0] if pods else None
+
+
+def assert_restricted_pod(pod: dict[str, Any]) -> None:
+    """Fail unless a pod spec meets the "restricted" Pod Security Standard and mounts no API token."""
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    for container in pod["containers"]:
+        context = container["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False
+        assert context["capabilities"]["drop"] == ["ALL"]
+        assert "add" not in context["capabilities"]
+        assert context["readOnlyRootFilesystem"] is True
+        assert context.get("privileged", False) is False
+    assert pod["automountServiceAccountToken"] is False
+
+
+def load_helm_test_script() -> Any:
+    """The chart's helm test script (files/helm_test.py) as a module, for its parser and its judge."""
+    name = "qinfer_chart_helm_test"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, HELM_TEST_SCRIPT)
+        assert spec is not None
+        assert spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the file runs
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def worker_container(deployment: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,9 @@ from tests.chart.helpers import (
     NAMESPACE,
     Helm,
     Scenario,
+    assert_restricted_pod,
     deep_merge,
+    hook_pod,
     render,
     scenario_params,
     worker_container,
@@ -56,18 +58,11 @@ def test_every_core_resource_is_valid_kubernetes_in_strict_mode(scenario: Scenar
 
 @pytest.mark.parametrize("scenario", scenario_params())
 def test_pods_meet_the_restricted_pod_security_standard(scenario: Scenario) -> None:
-    pod = render(scenario.values()).one("Deployment")["spec"]["template"]["spec"]
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["securityContext"]["runAsUser"] != 0
-    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
-    for container in pod["containers"]:
-        context = container["securityContext"]
-        assert context["allowPrivilegeEscalation"] is False
-        assert context["capabilities"]["drop"] == ["ALL"]
-        assert "add" not in context["capabilities"]
-        assert context["readOnlyRootFilesystem"] is True
-        assert context.get("privileged", False) is False
-    assert pod["automountServiceAccountToken"] is False
+    rendered = render(scenario.values())
+    assert_restricted_pod(rendered.one("Deployment")["spec"]["template"]["spec"])
+    pod = hook_pod(rendered)
+    if pod is not None:
+        assert_restricted_pod(pod["spec"])
 
 
 @pytest.mark.parametrize("scenario", scenario_params())
@@ -167,6 +162,7 @@ def test_notes_say_what_was_installed_and_how_to_send_a_request() -> None:
     assert "Scaled to zero" in notes
     assert '"producer","send"' in notes
     assert '"datatype":"BYTES"' in notes
+    assert "helm test qinfer -n inference --logs" in notes
 
 
 def test_defaults_without_credentials_fail_with_a_message_naming_what_to_set() -> None:

@@ -127,9 +127,10 @@ def test_the_network_policy_lets_workers_reach_only_the_broker_and_dns_and_only_
 ) -> None:
     values = merged(scenario)
     rendered = render(scenario.values())
-    policies = rendered.of_kind("NetworkPolicy")
+    fullname = rendered.one("Deployment")["metadata"]["name"]
+    policies = [p for p in rendered.of_kind("NetworkPolicy") if p["metadata"]["name"] == fullname]
     if not values["networkPolicy"]["enabled"]:
-        assert policies == []
+        assert rendered.of_kind("NetworkPolicy") == []
         return
     (policy,) = policies
     spec = policy["spec"]

@@ -84,6 +84,103 @@ Where the worker reads the broker URL (a file of the broker Secret) and the TLS 
 {{- define "qinfer.tlsMountPath" -}}/etc/qinfer/tls{{- end }}
 
 {{/*
+Where a pod that talks to the broker finds its URL and TLS files, as `NAME: "path"` lines: the worker's
+ConfigMap holds them, and the helm test Pod sets them as its env, so both read the same Secret files.
+*/}}
+{{- define "qinfer.brokerFiles" -}}
+AMQP_URL_FILE: {{ printf "%s/amqp-url" (include "qinfer.brokerMountPath" .) | quote }}
+{{- with .Values.broker.tls }}
+{{- if .enabled }}
+AMQP_CA_FILE: {{ printf "%s/ca.crt" (include "qinfer.tlsMountPath" $) | quote }}
+{{- if .secretKeys.cert }}
+AMQP_CERT_FILE: {{ printf "%s/tls.crt" (include "qinfer.tlsMountPath" $) | quote }}
+AMQP_KEY_FILE: {{ printf "%s/tls.key" (include "qinfer.tlsMountPath" $) | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The read-only mounts of the broker Secret (URL) and, with broker.tls.enabled, of the TLS Secret: the same in the
+worker container and in the helm test container.
+*/}}
+{{- define "qinfer.brokerVolumeMounts" -}}
+- name: broker
+  mountPath: {{ include "qinfer.brokerMountPath" . }}
+  readOnly: true
+{{- if .Values.broker.tls.enabled }}
+- name: broker-tls
+  mountPath: {{ include "qinfer.tlsMountPath" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/*
+The volumes behind qinfer.brokerVolumeMounts: only the keys a client needs, mode 0440.
+*/}}
+{{- define "qinfer.brokerVolumes" -}}
+- name: broker
+  secret:
+    secretName: {{ include "qinfer.secretName" . }}
+    defaultMode: 288  # 0440: read-only, owner and the pod's fsGroup
+    items:
+      - key: {{ .Values.broker.secretKeys.amqpUrl }}
+        path: amqp-url
+{{- with .Values.broker.tls }}
+{{- if .enabled }}
+- name: broker-tls
+  secret:
+    secretName: {{ .secretName }}
+    defaultMode: 288  # 0440: read-only, owner and the pod's fsGroup
+    items:
+      - key: {{ .secretKeys.ca }}
+        path: ca.crt
+      {{- if .secretKeys.cert }}
+      - key: {{ .secretKeys.cert }}
+        path: tls.crt
+      - key: {{ .secretKeys.key }}
+        path: tls.key
+      {{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the helm test Pod and of its NetworkPolicy.
+*/}}
+{{- define "qinfer.testName" -}}
+{{- printf "%s-test" (include "qinfer.fullname" . | trunc 58 | trimSuffix "-") }}
+{{- end }}
+
+{{/*
+Labels of the helm test Pod: the release's, without app.kubernetes.io/name, so that no selector of the workers
+(Deployment, Service, PodDisruptionBudget, NetworkPolicy) picks the test Pod up.
+*/}}
+{{- define "qinfer.testLabels" -}}
+helm.sh/chart: {{ include "qinfer.chart" . }}
+{{ include "qinfer.testSelectorLabels" . }}
+app.kubernetes.io/part-of: {{ include "qinfer.name" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/*
+Labels that select the helm test Pod (its NetworkPolicy's podSelector).
+*/}}
+{{- define "qinfer.testSelectorLabels" -}}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: helm-test
+{{- end }}
+
+{{/*
+The model name the release's replies carry: worker.modelName, else (as the worker derives it) the model folder's
+name or the model file's name without .onnx.
+*/}}
+{{- define "qinfer.replyModelName" -}}
+{{- .Values.worker.modelName | default (base .Values.model.path | trimSuffix ".onnx") }}
+{{- end }}
+
+{{/*
 Name of the ConfigMap holding KEDA's non-secret TLS parameter (tls: enable).
 */}}
 {{- define "qinfer.kedaConfigName" -}}
@@ -97,16 +194,7 @@ read-only as a file (AMQP_URL_FILE); the TLS files come from the TLS Secret, mou
 */}}
 {{- define "qinfer.workerEnv" -}}
 {{- $w := .Values.worker -}}
-AMQP_URL_FILE: {{ printf "%s/amqp-url" (include "qinfer.brokerMountPath" .) | quote }}
-{{- with .Values.broker.tls }}
-{{- if .enabled }}
-AMQP_CA_FILE: {{ printf "%s/ca.crt" (include "qinfer.tlsMountPath" $) | quote }}
-{{- if .secretKeys.cert }}
-AMQP_CERT_FILE: {{ printf "%s/tls.crt" (include "qinfer.tlsMountPath" $) | quote }}
-AMQP_KEY_FILE: {{ printf "%s/tls.key" (include "qinfer.tlsMountPath" $) | quote }}
-{{- end }}
-{{- end }}
-{{- end }}
+{{ include "qinfer.brokerFiles" . }}
 WORKER_MODEL: {{ .Values.model.path | quote }}
 WORKER_MODEL_NAME: {{ $w.modelName | quote }}
 WORKER_MODEL_VERSION: {{ $w.modelVersion | quote }}
