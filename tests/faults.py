@@ -9,8 +9,9 @@ the worker may just have acked everything. :func:`freeze_holding` observes it in
 2. It reads each process's in-flight gauge (``qinfer_inflight_requests``, deliveries received and
    not yet settled) from the metric file prometheus-client keeps for that process in its
    ``PROMETHEUS_MULTIPROC_DIR``: a stopped process cannot answer ``/metrics``, its file can be read.
-3. When every process holds at least one, they stay stopped: the caller injects its fault, then
-   resumes them (:func:`resume`). Otherwise they run a moment longer and it looks again, until a bound.
+3. When every process holds enough (``at_least``, one by default), they stay stopped: the caller
+   injects its fault, then resumes them (:func:`resume`). Otherwise they run a moment longer and it
+   looks again, until a bound.
 
 The gauge counts a delivery from its arrival until just before the worker writes its ack, so while
 the process is stopped the broker holds at least that many of its deliveries unacked: a SIGKILL (or a
