@@ -3,8 +3,12 @@
 A request's ``reply_to`` comes from whoever published it, so it is hostile input like the body:
 
 * A **queue name** is answered only when it matches the configured pattern in full (by default the
-  project's own bulk results queues). Anything else could be another job's results queue: the
-  request is dead-lettered unanswered rather than written into a stranger's queue.
+  project's own bulk results queues, ``results.<job id>``, and the queues the broker names,
+  ``amq.gen-`` and 22 characters, which RPC clients written as in RabbitMQ's tutorial declare as
+  their exclusive reply queue). Anything else could be another job's results queue or another
+  service's work queue: the request is dead-lettered unanswered rather than written into a
+  stranger's queue. A permitted queue that does not exist (the client is gone) makes the broker
+  return the reply (``NO_ROUTE``), which is permanent: the request is dead-lettered, never retried.
 * A **direct reply-to address** (``amq.rabbitmq.reply-to.<pid>.<key>``) is issued by the broker, but a
   publisher can write one by hand. RabbitMQ 3.x closes the *whole publishing connection*
   (``INTERNAL_ERROR``) when a reply goes to an address whose pid part does not decode to a live

@@ -49,8 +49,17 @@ def results_queue(job_id: str) -> str:
     return f"results.{job_id}"
 
 
-DEFAULT_REPLY_TO_PATTERN = r"results\.[A-Za-z0-9_.:-]{1,200}"
-"""The reply_to queue names a worker answers by default (besides direct reply-to): bulk jobs' results queues."""
+RESULTS_QUEUE_PATTERN = r"results\.[A-Za-z0-9_.:-]{1,200}"
+"""Bulk jobs' results queues (:func:`results_queue`)."""
+
+SERVER_NAMED_QUEUE_PATTERN = r"amq\.gen-[A-Za-z0-9_-]{22}"
+"""Queues the broker named (declared with an empty name, as RabbitMQ's RPC tutorial declares its exclusive reply
+queue): ``amq.gen-`` and 16 random bytes in URL-safe base64 without padding. Only the broker can create such a
+name (a client's declare of any ``amq.`` name is refused), and an exclusive one is consumed by its owner alone."""
+
+DEFAULT_REPLY_TO_PATTERN = rf"{RESULTS_QUEUE_PATTERN}|{SERVER_NAMED_QUEUE_PATTERN}"
+"""The reply_to queue names a worker answers by default (besides direct reply-to): bulk jobs' results queues and
+server-named queues."""
 
 DEFAULT_RESULTS_TTL_S = 24 * 3600
 """How long a bulk job's results queue outlives its last use (no consumer, no declare), in seconds."""

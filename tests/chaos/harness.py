@@ -10,6 +10,14 @@ request has an outcome (or the scenario's time bound passes) and counts:
 A request published during an outage whose publish was never confirmed is not counted as lost:
 the broker never accepted it (its publisher saw the failure).
 
+Every fault aimed at a worker is injected at a state the scenario has observed, never at a moment
+guessed from reply counts: every consumer of the queue is stopped (SIGSTOP) while the load is
+published (:func:`tests.support.faults.paused`), then only the targets run, and
+:func:`tests.support.faults.freeze_holding` stops them at a moment when each holds :data:`HELD_AT_FAULT`
+unsettled deliveries (its in-flight gauge, read from its metric file) for the signal or the
+disconnect; the others run again after it. What a scenario asserts about redeliveries and
+drains then holds on every run, however busy the machine.
+
 Faults that need ``rabbitmqctl`` (broker restart, closed connections) run only where it is
 installed and the broker is local. Connection faults run in a vhost of their own
 (:data:`CHAOS_VHOST`), so ``close_all_connections`` there touches nobody else's connections;
@@ -54,6 +62,7 @@ from producer.wire.names import (
     results_queue,
 )
 from producer.wire.protocol import ErrorReply, decode_reply, encode_request
+from tests.support.faults import NotHolding, freeze_holding, metrics_env, paused, resume
 from tests.support.worker_process import WorkerProcess
 
 CHAOS_VHOST = "qinfer-chaos"
@@ -462,12 +471,15 @@ class Chaos:
         *,
         crash_on: float | None = None,
         amqp_url: str | None = None,
+        observable: bool = False,
         **settings: Any,
     ) -> WorkerProcess:
         """A worker process (not started) serving ``client``'s queue; ``settings`` as WORKER_* values.
 
         Its log goes to the work folder; its HTTP port is a free one, and readiness is ``/readyz``.
         ``crash_on`` runs :mod:`tests.chaos.crashing_worker`, which aborts on a request holding that value.
+        ``observable``: a lone worker keeps its metrics in files too (as a supervisor's consumer
+        processes do), so :func:`tests.support.faults.freeze_holding` can read them while it is stopped.
         """
         env = {
             "WORKER_DELIVERY_LIMIT": str(client.delivery_limit),
@@ -479,6 +491,8 @@ class Chaos:
         env.update({f"WORKER_{k.upper()}": str(v) for k, v in settings.items()})
         if crash_on is not None:
             env["CHAOS_CRASH_ON"] = str(crash_on)  # read by tests.chaos.crashing_worker
+        if observable:
+            env.update(metrics_env(self.workdir / "metrics"))
         process = WorkerProcess(
             amqp_url or self.broker.url,
             self.models[model],
@@ -542,6 +556,9 @@ INVALID_BODIES: list[tuple[str, bytes, str]] = [
 # Scenarios
 
 RESOLVE_TIMEOUT_S = 120.0
+HELD_AT_FAULT = 16
+"""Deliveries each target process holds, unsettled, when a fault is injected: more than one, so its
+prefetch window has opened (it starts at one delivery) and the fault lands mid-load."""
 
 
 async def _finish(client: Client, name: str, started: float, *workers: WorkerProcess) -> Counters:
@@ -563,18 +580,20 @@ async def scenario_sigkill(chaos: Chaos) -> Counters:
     client = await chaos.client("sigkill")
     await client.collect_replies()
     await client.collect_dead_letters()
-    a, b = chaos.worker("a", client).start(), chaos.worker("b", client).start()
+    a, b = chaos.worker("a", client, observable=True).start(), chaos.worker("b", client).start()
     await a.wait_ready_async()
     await b.wait_ready_async()
-    await client.publish_all(_requests(n, "k"))
-    await client.ledger.wait_for(lambda: client.ledger.resolved() >= n // 4, RESOLVE_TIMEOUT_S)
-    a.signal(signal.SIGKILL)
-    killed_at = client.ledger.resolved()
+    async with paused([_pid(a), _pid(b)]):
+        await client.publish_all(_requests(n, "k"))
+        held = await freeze_holding([_pid(a)], what="worker a", at_least=HELD_AT_FAULT)
+        a.signal(signal.SIGKILL)
+        killed_at = client.ledger.resolved()
     await a.wait_async(10)
     redelivered = await b.metric_async("qinfer_redelivered_total") if await client.ledger.wait_resolved(60) else 0
     counters = await _finish(client, "sigkill", started, b)
-    counters.notes.update(killed_after=killed_at, redelivered=int(redelivered))
+    counters.notes.update(held_at_kill=held[0], resolved_at_kill=killed_at, redelivered=int(redelivered))
     counters.expect(redelivered > 0, "the survivor received redelivered requests")
+    counters.expect(redelivered >= held[0], "every request the killed worker held was redelivered")
     return counters
 
 
@@ -586,18 +605,20 @@ async def scenario_sigterm(chaos: Chaos) -> Counters:
     client = await chaos.client("sigterm")
     await client.collect_replies()
     await client.collect_dead_letters()
-    a, b = chaos.worker("a", client).start(), chaos.worker("b", client).start()
+    a, b = chaos.worker("a", client, observable=True).start(), chaos.worker("b", client).start()
     await a.wait_ready_async()
     await b.wait_ready_async()
-    await client.publish_all(_requests(n, "t"))
-    await client.ledger.wait_for(lambda: client.ledger.resolved() >= n // 4, RESOLVE_TIMEOUT_S)
-    signalled = time.monotonic()
-    a.signal(signal.SIGTERM)
+    async with paused([_pid(a), _pid(b)]):
+        await client.publish_all(_requests(n, "t"))
+        held = await freeze_holding([_pid(a)], what="worker a", at_least=HELD_AT_FAULT)
+        signalled = time.monotonic()
+        a.signal(signal.SIGTERM)  # delivered as it resumes, holding what it held
     rc = await a.wait_async(30)
     exit_s = time.monotonic() - signalled
     drained = a.events("worker_drained")
     counters = await _finish(client, "sigterm", started, b)
     counters.notes.update(
+        held_at_signal=held[0],
         exit_code=rc,
         exit_after_s=round(exit_s, 3),
         drain_s=drained[-1]["drain_s"] if drained else None,
@@ -607,6 +628,16 @@ async def scenario_sigterm(chaos: Chaos) -> Counters:
     counters.expect(bool(drained) and drained[-1]["unfinished"] == 0, "the drain finished within its timeout")
     counters.expect(counters.duplicated == 0, "a drain answers nothing twice")
     return counters
+
+
+def _pid(worker: WorkerProcess) -> int:
+    assert worker.pid is not None
+    return worker.pid
+
+
+def _consumer_pids(supervisor: WorkerProcess) -> list[int]:
+    """The pids of a supervisor's consumer processes, by slot."""
+    return [int(event["pid"]) for _slot, event in sorted(supervisor.children().items())]
 
 
 async def scenario_supervisor_sigterm(chaos: Chaos) -> Counters:
@@ -620,13 +651,16 @@ async def scenario_supervisor_sigterm(chaos: Chaos) -> Counters:
     supervisor, b = chaos.worker("pod", client, processes=2).start(), chaos.worker("b", client).start()
     await supervisor.wait_ready_async()
     await b.wait_ready_async()
-    await client.publish_all(_requests(n, "s"))
-    await client.ledger.wait_for(lambda: client.ledger.resolved() >= n // 4, RESOLVE_TIMEOUT_S)
-    supervisor.signal(signal.SIGTERM)
+    consumers = _consumer_pids(supervisor)
+    async with paused([*consumers, _pid(b)]):
+        await client.publish_all(_requests(n, "s"))
+        held = await freeze_holding(consumers, what="the supervisor's consumer processes", at_least=HELD_AT_FAULT)
+        supervisor.signal(signal.SIGTERM)  # it passes SIGTERM on; each process gets it as it resumes
     rc = await supervisor.wait_async(40)
     drained = supervisor.events("worker_drained")
     counters = await _finish(client, "supervisor_sigterm", started, b)
     counters.notes.update(
+        held_at_signal=held,
         exit_code=rc,
         drained=sorted(e.get("child") for e in drained),
         handed_back=sum(e["handed_back"] for e in drained),
@@ -647,11 +681,13 @@ async def scenario_child_sigkill(chaos: Chaos) -> Counters:
     await client.collect_replies()
     await client.collect_dead_letters()
     supervisor = await chaos.worker("pod", client, processes=2).start().wait_ready_async()
-    await client.publish_all(_requests(n, "c"))
-    await client.ledger.wait_for(lambda: client.ledger.resolved() >= n // 4, RESOLVE_TIMEOUT_S)
-    victim = int(supervisor.children()[0]["pid"])
-    os.kill(victim, signal.SIGKILL)
-    killed_at = client.ledger.resolved()
+    consumers = _consumer_pids(supervisor)
+    victim = consumers[0]
+    async with paused(consumers):
+        await client.publish_all(_requests(n, "c"))
+        held = await freeze_holding([victim], what="consumer process 0", at_least=HELD_AT_FAULT)
+        os.kill(victim, signal.SIGKILL)
+        killed_at = client.ledger.resolved()
     died = await supervisor.wait_for_async("process_died", match={"child": 0, "pid": victim})
     restarted = await supervisor.wait_for_async("process_started", match={"child": 0}, nth=2)
     resolved = await client.ledger.wait_resolved(RESOLVE_TIMEOUT_S)
@@ -660,31 +696,47 @@ async def scenario_child_sigkill(chaos: Chaos) -> Counters:
     redelivered = await supervisor.metric_async("qinfer_redelivered_total")
     counters = await _finish(client, "child_sigkill", started, supervisor)
     rc = supervisor.returncode
-    counters.notes.update(killed_after=killed_at, redelivered=int(redelivered), restarts=int(restarts), exit_code=rc)
+    counters.notes.update(
+        held_at_kill=held[0],
+        resolved_at_kill=killed_at,
+        redelivered=int(redelivered),
+        restarts=int(restarts),
+        exit_code=rc,
+    )
     counters.expect(died.get("signal") == "SIGKILL", "the supervisor logged the death and its signal")
     counters.expect(restarted["pid"] != victim and restarts == 1, "the supervisor started the process again")
     counters.expect(resolved, "every request resolved after the kill")
     counters.expect(ready_again, "the pod is ready again")
-    counters.expect(redelivered > 0, "the killed process's unacked requests were redelivered")
+    counters.expect(redelivered >= held[0] > 0, "the killed process's unacked requests were redelivered")
     counters.expect(rc == 0, "SIGTERM afterwards drains both processes and exits 0")
     return counters
 
 
 async def _connection_fault(
-    chaos: Chaos, name: str, inject: Callable[[list[WorkerProcess]], Awaitable[dict[str, Any]]]
+    chaos: Chaos, name: str, inject: Callable[[list[WorkerProcess], list[int]], Awaitable[dict[str, Any]]]
 ) -> Counters:
+    """Two workers, a load, and ``inject(workers, pids)`` while both are stopped holding deliveries.
+
+    ``inject`` resumes them (:func:`tests.support.faults.resume`) when it needs them running; they are resumed
+    after it in any case.
+    """
     started = time.monotonic()
     n = chaos.count(2000, 600)
     client = await chaos.client(name)
     await client.collect_replies()
     await client.collect_dead_letters()
-    workers = [chaos.worker("a", client).start(), chaos.worker("b", client).start()]
+    workers = [chaos.worker("a", client, observable=True).start(), chaos.worker("b", client, observable=True).start()]
     for w in workers:
         await w.wait_ready_async()
-    await client.publish_all(_requests(n, name[0]))
-    await client.ledger.wait_for(lambda: client.ledger.resolved() >= n // 4, RESOLVE_TIMEOUT_S)
-    notes = await inject(workers)
+    pids = [_pid(w) for w in workers]
+    async with paused(pids):
+        await client.publish_all(_requests(n, name[0]))
+        held = await freeze_holding(pids, what="workers a and b", at_least=HELD_AT_FAULT)
+        notes = await inject(workers, pids)
+    notes["held_at_fault"] = held
     resolved = await client.ledger.wait_resolved(RESOLVE_TIMEOUT_S)
+    redelivered = sum([await w.metric_async("qinfer_redelivered_total") for w in workers])
+    notes["redelivered"] = int(redelivered)
     alive = [w.returncode is None for w in workers]
     ready_again = [await w.wait_readyz_async(200, 30) for w in workers]
     lost_consumer = sum(len(w.events("consumer_lost")) for w in workers)
@@ -693,13 +745,14 @@ async def _connection_fault(
     counters.expect(resolved, "every request resolved after the fault")
     counters.expect(all(alive), "the workers survived the fault")
     counters.expect(all(ready_again), "the workers are ready again")
+    counters.expect(redelivered >= sum(held), "what the workers held when their connections went was redelivered")
     return counters
 
 
 async def scenario_close_connections(chaos: Chaos) -> Counters:
     """``rabbitmqctl close_all_connections`` (in the chaos vhost) mid-load: workers reconnect."""
 
-    async def inject(workers: list[WorkerProcess]) -> dict[str, Any]:
+    async def inject(workers: list[WorkerProcess], pids: list[int]) -> dict[str, Any]:
         await chaos.broker.ctl_async("close_all_connections", "-p", CHAOS_VHOST, "chaos: closed on purpose")
         return {}
 
@@ -710,9 +763,10 @@ async def scenario_broker_restart(chaos: Chaos) -> Counters:
     """``rabbitmqctl stop_app; start_app`` mid-load: readiness drops during the outage, the
     workers reconnect and resume, nothing confirmed is lost."""
 
-    async def inject(workers: list[WorkerProcess]) -> dict[str, Any]:
+    async def inject(workers: list[WorkerProcess], pids: list[int]) -> dict[str, Any]:
         down = time.monotonic()
         async with chaos.broker.stopped():
+            resume(pids)  # they see the broker gone, and answer /readyz
             not_ready = [await w.wait_readyz_async(503, 30) for w in workers]
         return {"not_ready_during_outage": all(not_ready), "outage_s": round(time.monotonic() - down, 1)}
 
@@ -910,7 +964,10 @@ async def run_scenario(chaos: Chaos, name: str) -> Counters:
     """Run one scenario in its own session (workers stopped and queues deleted afterwards)."""
     scenario, _needs = SCENARIOS[name]
     async with chaos.session():
-        return await scenario(chaos)
+        try:
+            return await scenario(chaos)
+        except NotHolding as e:
+            return Counters(name, failures=[str(e)])
 
 
 def _copy_logs(source: Path, target: Path) -> None:

@@ -77,6 +77,7 @@ async def test_readiness_is_false_from_the_start_of_a_drain_and_the_computing_ba
         if worker.health.draining:
             break
         await asyncio.sleep(0)
+    assert worker.health.draining, "the drain had not begun while the batch was computing"
     assert not worker.health.ready
     pipeline.gate.set()
     await asyncio.wait_for(task, 30)
@@ -124,6 +125,7 @@ async def test_a_drain_hands_back_a_request_whose_rows_still_wait_even_when_some
         if worker.health.draining:
             break
         await asyncio.sleep(0)
+    assert worker.health.draining, "the drain had not begun when the held batches were let go"
     pipeline.gate.set()
     await asyncio.wait_for(task, 30)
     assert batches == [[3, 1], [2, 2]]

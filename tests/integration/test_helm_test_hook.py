@@ -22,10 +22,10 @@ import pytest
 
 from producer.wire.names import dead_letter_queue
 from tests.chart.helpers import INSTALL_TIME_CREDENTIALS, INSTALL_TIME_TLS_CREDENTIALS, deep_merge, hook_pod, render
-from tests.models import text_model_folder
-from tests.tls_broker import TlsBroker
-from tests.worker_process import REPO_ROOT, child_env
-from tests.workers import running_worker
+from tests.support.models import text_model_folder
+from tests.support.tls_broker import TlsBroker
+from tests.support.worker_process import REPO_ROOT, child_env
+from tests.support.workers import running_worker
 
 pytestmark = pytest.mark.integration
 

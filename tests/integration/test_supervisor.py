@@ -18,6 +18,7 @@ import pytest
 
 from producer.wire.names import CONTENT_TYPE_MSGPACK as MSGPACK
 from producer.wire.protocol import InferReply, encode_request
+from tests.support.faults import freeze_holding, paused
 from tests.support.models import mlp_model
 from tests.support.worker_process import WorkerProcess
 from tests.support.workers import RpcClient, Sent, decoded
@@ -80,9 +81,13 @@ async def test_a_killed_consumer_process_is_restarted_and_nothing_is_lost(
     supervisor = WorkerProcess(amqp_url, model, queue, "--processes", "2", *ONE_CORE, http_port=_free_port())
     async with supervisor:
         rpc = await RpcClient.open(connection)
-        victim = supervisor.children()[0]["pid"]
-        pending = [await rpc.publish(queue, sent) for sent in _requests(n)]
-        os.kill(victim, signal.SIGKILL)  # mid-load: the requests it holds unacked go back to the queue
+        consumers = [int(supervisor.children()[slot]["pid"]) for slot in (0, 1)]
+        victim = consumers[0]
+        async with paused(consumers):
+            pending = [await rpc.publish(queue, sent) for sent in _requests(n)]
+            # Mid-load, observed: killed while it holds deliveries it has not settled.
+            [held] = await freeze_holding([victim], what="consumer process 0", at_least=8)
+            os.kill(victim, signal.SIGKILL)  # the requests it holds unacked go back to the queue
         died = await supervisor.wait_for_async("process_died", match={"child": 0, "pid": victim})
         assert died["signal"] == "SIGKILL"
         restarted = await supervisor.wait_for_async("process_started", match={"child": 0}, nth=2)
@@ -91,6 +96,7 @@ async def test_a_killed_consumer_process_is_restarted_and_nothing_is_lost(
         assert all(isinstance(r, InferReply) for r in replies)
         assert await supervisor.wait_readyz_async(200, 60), "ready again once the new process consumes"
         assert await supervisor.metric_async("qinfer_process_restarts_total") == 1
+        assert await supervisor.metric_async("qinfer_redelivered_total") >= held
     assert supervisor.returncode == 0
     assert supervisor.events("supervisor_stopped")[-1]["clean"] is True
 

@@ -3,13 +3,16 @@ requests that do not fit; concatenation, splitting outputs and isolation."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any
 
 import numpy as np
 import pytest
 
 from producer.wire.rows import concat_rows, split_rows
+from worker import batching
 from worker.batching import PendingRows, Split, run_isolating
 
 
@@ -99,19 +102,54 @@ def test_equally_close_lengths_are_taken_oldest_first() -> None:
     assert pending.take(max_rows=3) == ["anchor", "late9", "early11"]
 
 
-def test_a_large_window_of_single_rows_forms_batches_quickly() -> None:
+def _lines_run_in_batching(run: Callable[[], object]) -> int:
+    """How many lines of :mod:`worker.batching` ``run()`` executes: a cost measure that is the same on
+    every run and every machine load (a clock would measure the machine)."""
+    count = 0
+
+    def local(frame: FrameType, event: str, arg: object) -> Any:
+        nonlocal count
+        if event == "line":
+            count += 1
+        return local
+
+    def calls(frame: FrameType, event: str, arg: object) -> Any:
+        return local if frame.f_code.co_filename == batching.__file__ else None
+
+    sys.settrace(calls)
+    try:
+        run()
+    finally:
+        sys.settrace(None)
+    return count
+
+
+def _window(count: int) -> PendingRows[int]:
     pending: PendingRows[int] = PendingRows()
-    count = 16384  # 256 requests of 64 rows
     for i in range(count):
         pending.add(i, rows=1, key=0, length=8 + (i * 7919) % 120)
-    started = time.perf_counter()
+    return pending
+
+
+def test_forming_a_batch_costs_about_its_own_size_not_the_size_of_the_window() -> None:
+    takes = 16
     seen: list[int] = []
-    while pending:
-        batch = pending.take(max_rows=64)
-        assert 0 < len(batch) <= 64
-        seen += batch
-    assert sorted(seen) == list(range(count))
-    assert time.perf_counter() - started < 2.0  # bucketed: about the batch's own size per take
+    per_take = {}
+    for count in (1024, 16384):  # 16 and 256 requests of 64 rows
+        pending = _window(count)
+
+        def take_some(p: PendingRows[int] = pending) -> None:
+            for _ in range(takes):
+                seen.extend(p.take(max_rows=64))
+
+        per_take[count] = _lines_run_in_batching(take_some) / takes
+        while pending:
+            batch = pending.take(max_rows=64)
+            assert 0 < len(batch) <= 64
+            seen.extend(batch)
+    # A scan of the whole window would cost 16 times as much per batch in the large one.
+    assert per_take[16384] <= 1.5 * per_take[1024], per_take
+    assert sorted(seen) == sorted([*range(1024), *range(16384)])
 
 
 def test_concat_and_split_round_trip_mixed_request_sizes() -> None:

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from producer.wire.names import DEFAULT_REPLY_TO_PATTERN, DIRECT_REPLY_TO
+from producer.wire.names import DEFAULT_REPLY_TO_PATTERN, DIRECT_REPLY_TO, RESULTS_QUEUE_PATTERN
 from worker.reply_to import ReplyToKind, classify, direct_reply_pid
 
 PATTERN = re.compile(DEFAULT_REPLY_TO_PATTERN)
@@ -74,3 +74,42 @@ def test_queue_names_must_match_the_pattern_in_full(reply_to: str | None, kind: 
 
 def test_a_custom_pattern_widens_what_is_answered() -> None:
     assert classify("replies.service-a", re.compile(r"replies\.[a-z-]+")).kind is ReplyToKind.QUEUE
+
+
+# As RabbitMQ 3.10 names a queue declared with an empty name: amq.gen- and 22 URL-safe base64 characters.
+SERVER_NAMED = ["amq.gen-BOpe64EWmbZmx8YplNbwng", "amq.gen-9t2jCo3ZWDLITa4JiK-Uig", "amq.gen-qE_Z2ZLH0-PKwbb296M7VA"]
+
+
+@pytest.mark.parametrize("reply_to", SERVER_NAMED)
+def test_a_queue_the_broker_named_is_answered_by_default(reply_to: str) -> None:
+    target = classify(reply_to, PATTERN)
+    assert (target.kind, target.address) == (ReplyToKind.QUEUE, reply_to)
+
+
+@pytest.mark.parametrize(
+    "reply_to",
+    [
+        "amq.gen-",
+        "amq.gen-BOpe64EWmbZmx8YplNbwn",  # 21 characters
+        "amq.gen-BOpe64EWmbZmx8YplNbwngg",  # 23
+        "amq.gen-BOpe64EWmbZmx8YplNb+/g",  # standard base64, which the broker does not use
+        "amq.gen-BOpe64EWmbZmx8Ypl.bwng",
+        "amq.gen-BOpe64EWmbZmx8YplNbwng\n",
+        "amq.gen-BOpe64EWmbZmx8YplNbwng.results.job",
+        "amq.genBOpe64EWmbZmx8YplNbwng",
+        "amq.gen.BOpe64EWmbZmx8YplNbwng",
+        "amq.direct",
+        "prefix.amq.gen-BOpe64EWmbZmx8YplNbwng",
+        "inference",  # another service's work queue
+        "orders.work",
+    ],
+)
+def test_names_that_only_look_server_named_and_other_services_queues_are_refused(reply_to: str) -> None:
+    target = classify(reply_to, PATTERN)
+    assert target.kind is ReplyToKind.REJECTED
+    assert "WORKER_REPLY_TO_PATTERN" in target.reason
+
+
+def test_a_custom_pattern_can_leave_server_named_queues_out() -> None:
+    assert classify(SERVER_NAMED[0], re.compile(RESULTS_QUEUE_PATTERN)).kind is ReplyToKind.REJECTED
+    assert classify("results.job-1", re.compile(RESULTS_QUEUE_PATTERN)).kind is ReplyToKind.QUEUE
