@@ -107,10 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     engine = engine_path(args.engine)
     env = dict(os.environ)
     if Path(engine).name == "podman" and "CONTAINERS_CONF" not in env:
-        conf = subprocess.run(
+        engine_conf = subprocess.run(
             [str(REPO_ROOT / "scripts" / "containers-conf.sh")], capture_output=True, text=True, check=True
         ).stdout.strip()
-        env["CONTAINERS_CONF"] = str(REPO_ROOT / conf)
+        env["CONTAINERS_CONF"] = str(REPO_ROOT / engine_conf)
     if args.base_image and args.base_image.startswith("localhost/") and not image_exists(engine, args.base_image):
         print(f"image: no base image {args.base_image}; run `make base-image` first (scripts/base-image.sh)")
         return 1
