@@ -64,7 +64,8 @@ SENTENCES = [
 ]
 SLIRP_HOST = "10.0.2.2"
 """The host's loopback as a slirp4netns pod sees it (allow_host_loopback=true)."""
-START_TIMEOUT_S = 180.0
+START_TIMEOUT_S = 300.0
+"""Start to ready: loading and warming the model up takes about a minute on two busy cores."""
 
 
 class Failed(Exception):
@@ -231,14 +232,17 @@ async def burst_then_stop(amqp_url: str, queue: str, sent: int, stop: Any, step:
 
 def check_drained(step: str, sent: int, replied: int, waiting: int, exit_code: int, logs: str) -> None:
     lost = sent - replied - waiting
-    drained = any(word in logs for word in ("drain", "stopped"))
+    drained = next((line for line in logs.splitlines() if '"worker_drained"' in line), "")
     say(step, f"exit {exit_code}; sent {sent}, replied {replied}, still queued {waiting}, lost {lost}")
+    if drained:
+        event = json.loads(drained)
+        say(step, f"worker_drained: handed back {event.get('handed_back')}, drain {event.get('drain_s')} s")
     if exit_code != 0:
         raise Failed(f"{step}: the worker exited {exit_code} on SIGTERM; its log ends:\n{logs[-3000:]}")
     if lost != 0:
         raise Failed(f"{step}: {lost} requests neither answered nor back in the queue")
     if not drained:
-        raise Failed(f"{step}: the worker's log does not mention draining:\n{logs[-3000:]}")
+        raise Failed(f"{step}: the worker's log has no worker_drained event:\n{logs[-3000:]}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,11 +309,12 @@ def running(podman: Podman, container: str) -> bool:
     return done.stdout.strip() == "true"
 
 
-def chart_manifests(tag: str, queue: str, amqp_url: str) -> list[dict[str, Any]]:
+def chart_manifests(tag: str, queue: str, amqp_url: str, release: str) -> list[dict[str, Any]]:
     """The chart rendered for this machine: local image, CPU, no KEDA, no GPU; Deployment, Secret, ConfigMap."""
     repository, _, image_tag = tag.rpartition(":")
     host_url = amqp_url.replace("127.0.0.1", SLIRP_HOST).replace("localhost", SLIRP_HOST)
     values = {
+        "fullnameOverride": release,
         "image": {"repository": f"localhost/{repository}", "tag": image_tag, "pullPolicy": "Never"},
         "autoscaling": {"enabled": False},
         "gpu": {"enabled": False},
@@ -319,30 +324,59 @@ def chart_manifests(tag: str, queue: str, amqp_url: str) -> list[dict[str, Any]]
         "broker": {"auth": {"amqpUrl": host_url}},
     }
     documents = render(values).documents
-    kept = [doc for doc in documents if doc["kind"] in ("Deployment", "Secret", "ConfigMap")]
+    # Secret and ConfigMap before the Deployment that mounts them: kube play reads the documents in order.
+    order = {"Secret": 0, "ConfigMap": 1, "Deployment": 2}
+    kept = sorted((doc for doc in documents if doc["kind"] in order), key=lambda doc: order[doc["kind"]])
     for doc in kept:
         doc["metadata"].pop("namespace", None)
         if doc["kind"] == "Secret":
-            # podman 4.3 kube play mounts a Secret's `data` without decoding it (containers/podman#16625):
-            # hand it the same values as stringData, which it writes as they are.
+            # podman 4.3 kube play writes a Secret's `data` into a named volume still base64-encoded
+            # (containers/podman#16625) and writes no stringData at all: seed_secret_volume() writes the
+            # decoded values into that volume first, and the Secret keeps them as stringData only.
             data = doc.pop("data")
             doc["stringData"] = {key: base64.b64decode(value).decode() for key, value in data.items()}
     return kept
 
 
+def seed_secret_volume(podman: Podman, secret: dict[str, Any], deployment: dict[str, Any]) -> None:
+    """The named volume podman 4.3 mounts for a Secret volume, holding the Secret's keys at their item paths,
+    mode 0440 for the pod's user and fsGroup, as the kubelet would write them."""
+    name = secret["metadata"]["name"]
+    spec = deployment["spec"]["template"]["spec"]
+    user, group = spec["securityContext"]["runAsUser"], spec["securityContext"].get("fsGroup", 0)
+    podman.run("volume", "create", name)
+    mountpoint = Path(podman.run("volume", "inspect", "--format", "{{.Mountpoint}}", name).stdout.strip())
+    for volume in spec["volumes"]:
+        if volume.get("secret", {}).get("secretName") != name:
+            continue
+        for item in volume["secret"].get("items") or [{"key": k, "path": k} for k in secret["stringData"]]:
+            target = mountpoint / item["path"]
+            target.write_text(secret["stringData"][item["key"]])
+            os.chown(target, user, group)
+            target.chmod(volume["secret"].get("defaultMode", 0o644))
+
+
 def kube_play(podman: Podman, amqp_url: str, tag: str, queue: str, folder: Path) -> None:
     step = "kube play"
-    manifests = chart_manifests(tag, queue, amqp_url)
+    manifests = chart_manifests(tag, queue, amqp_url, f"qinfer-image-test-{secrets.token_hex(3)}")
     kinds = ", ".join(sorted(doc["kind"] for doc in manifests))
     path = folder / "qinfer.yaml"
     path.write_text(yaml.safe_dump_all(manifests, sort_keys=False))
     deployment = next(doc for doc in manifests if doc["kind"] == "Deployment")
     port = next(p["containerPort"] for p in deployment["spec"]["template"]["spec"]["containers"][0]["ports"])
+    for doc in manifests:
+        if doc["kind"] == "Secret":
+            seed_secret_volume(podman, doc, deployment)
     podman.run("kube", "play", "--network", "slirp4netns:allow_host_loopback=true", str(path), timeout=300)
     try:
-        pod = f"{deployment['metadata']['name']}-pod"
-        listed = podman.run("ps", "--all", "--filter", f"pod={pod}", "--format", "{{.Names}}").stdout.split()
-        (container,) = [name for name in listed if name.endswith("-worker")]
+        # podman names a Deployment's pod NAME-pod-0 (its first replica) and the container POD-CONTAINER.
+        listed = podman.run("ps", "--all", "--format", "{{.Names}}").stdout.split()
+        prefix = f"{deployment['metadata']['name']}-pod"
+        workers = [name for name in listed if name.startswith(prefix) and name.endswith("-worker")]
+        if len(workers) != 1:
+            raise Failed(f"{step}: expected one worker container in pod {prefix}*, podman lists {listed}")
+        (container,) = workers
+        pod = container.removesuffix("-worker")
         say(step, f"helm template -> {kinds}; pod {pod}, container {container}, broker {SLIRP_HOST} (slirp4netns)")
         settings = podman.run("inspect", "--format", "{{.Config.User}} ro={{.HostConfig.ReadonlyRootfs}}", container)
         say(step, f"user {settings.stdout.strip()}")
@@ -358,7 +392,7 @@ def kube_play(podman: Podman, amqp_url: str, tag: str, queue: str, folder: Path)
         if (live, ready) != (200, 200):
             raise Failed(f"{step}: probes /livez {live}, /readyz {ready}")
         asyncio.run(check_answers(amqp_url, queue, step))
-        sent = 200
+        sent = 500  # above the chart's prefetch (256), so some are still queued at SIGTERM
         # podman 4.3 `kube down` stops with no grace period: stop the worker with the Deployment's own first.
         grace = str(deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"])
         replied, waiting = asyncio.run(
@@ -367,6 +401,10 @@ def kube_play(podman: Podman, amqp_url: str, tag: str, queue: str, folder: Path)
         check_drained(step, sent, replied, waiting, podman.exit_code(container), podman.logs(container))
     finally:
         podman.run("kube", "down", str(path), check=False)
+        for doc in manifests:  # podman 4.3 keeps a played Secret, and its volume
+            if doc["kind"] == "Secret":
+                podman.run("secret", "rm", doc["metadata"]["name"], check=False)
+                podman.run("volume", "rm", "--force", doc["metadata"]["name"], check=False)
         say(step, "kube down")
 
 
@@ -412,9 +450,8 @@ def main(argv: list[str] | None = None) -> int:
                 cuda_tag = tag.removesuffix("-cpu") + "-cuda"
                 build(podman, args.base_image, "cuda", cuda_tag)
                 gpu_smoke(podman, cuda_tag)
-            for step, tag_name in (("image", tag),):
-                size = podman.run("image", "inspect", "--format", "{{.Size}}", tag_name).stdout.strip()
-                say(step, f"{tag_name}: {int(size) // 1_000_000} MB")
+            size = podman.run("image", "inspect", "--format", "{{.Size}}", tag).stdout.strip()
+            say("image", f"{tag}: {int(size) // 1_000_000} MB")
             container_run(podman, amqp_url, tag, queues[0], folder)
             kube_play(podman, amqp_url, tag, queues[1], folder)
     except Failed as e:
