@@ -46,12 +46,13 @@ broker: ## Make sure a RabbitMQ broker answers at AMQP_URL (starts a local one, 
 chart-lint: install ## Lint and render the Helm chart per scenario; check it against Kubernetes, KEDA and the worker
 	$(BIN)/pytest -q tests/chart
 
-# DEVICE: cuda (onnxruntime-gpu and NVIDIA's CUDA/cuDNN wheels) or cpu (onnxruntime); IMAGE: the tag to build;
+# DEVICE: cuda (onnxruntime-gpu and NVIDIA's CUDA/cuDNN wheels) or cpu (onnxruntime); IMAGE: the tag to build
+# (qinfer:VERSION, the chart's default, or qinfer:VERSION-cpu);
 # BASE_IMAGE: any Debian/Ubuntu image with Python 3.11+ (empty: the Containerfile's default, python:3.12-slim);
 # MODEL_SOURCE=none leaves the model out of the image (mount it at run time).
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -n 1)
 DEVICE ?= cuda
-IMAGE ?= qinfer:$(VERSION)-$(DEVICE)
+IMAGE ?= qinfer:$(VERSION)$(if $(filter cpu,$(DEVICE)),-cpu,)
 BASE_IMAGE ?=
 LOCAL_BASE_IMAGE ?= localhost/debian-python:bookworm
 MODEL_SOURCE ?= context
@@ -59,7 +60,7 @@ MODEL_SOURCE ?= context
 .PHONY: image
 image: ## Build the worker image from the Containerfile with podman or docker (DEVICE=cuda|cpu, BASE_IMAGE=...)
 	@command -v podman > /dev/null || command -v docker > /dev/null \
-	  || { echo "image: neither podman nor docker is installed; on Debian: apt-get install -y podman buildah crun fuse-overlayfs debootstrap" >&2; exit 1; }
+	  || { echo "image: neither podman nor docker is installed; on Debian: apt-get install -y podman buildah crun runc fuse-overlayfs debootstrap" >&2; exit 1; }
 	@if [[ "$(MODEL_SOURCE)" == context && ! -f models/all-MiniLM-L6-v2/model.onnx ]]; then $(MAKE) model; fi
 	$(PYTHON) scripts/build_image.py --tag "$(IMAGE)" --device "$(DEVICE)" --base-image "$(BASE_IMAGE)" \
 	  --model-source "$(MODEL_SOURCE)" --version "$(VERSION)"

@@ -24,7 +24,7 @@ PACKAGES="python3,python3-venv,python3-pip,ca-certificates"
 
 for tool in podman debootstrap; do
   command -v "$tool" > /dev/null || {
-    echo "base-image: $tool is not installed; on Debian: apt-get install -y podman buildah crun fuse-overlayfs debootstrap" >&2
+    echo "base-image: $tool is not installed; on Debian: apt-get install -y podman buildah crun runc fuse-overlayfs debootstrap" >&2
     exit 1
   }
 done
@@ -48,6 +48,7 @@ rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin "$rootfs"/var
 python=$(chroot "$rootfs" python3 -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])')
 tar -C "$rootfs" -c . | podman import --quiet \
   --change 'CMD ["/bin/bash"]' --change 'ENV LANG=C.UTF-8' \
+  --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
   --message "debootstrap --variant=minbase $SUITE + $PACKAGES" - "$BASE_IMAGE" > /dev/null
 size=$(podman image inspect --format '{{.Size}}' "$BASE_IMAGE")
 echo "base-image: $BASE_IMAGE (Debian $SUITE, Python $python): $((size / 1000000)) MB in $((SECONDS - start)) s"

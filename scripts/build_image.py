@@ -79,7 +79,7 @@ def engine_path(name: str | None) -> str:
             return found
     raise SystemExit(
         "image: neither podman nor docker is installed; on Debian: "
-        "apt-get install -y podman buildah crun fuse-overlayfs debootstrap"
+        "apt-get install -y podman buildah crun runc fuse-overlayfs debootstrap"
     )
 
 

@@ -3,7 +3,8 @@
 #   - default_ulimits nofile and nproc = this shell's own hard limits (nproc at most 32768): podman's defaults (1048576, 4194304) are
 #     above what a nested container host may grant, and the OCI runtime then fails with
 #     "setrlimit RLIMIT_NOFILE (or RLIMIT_NPROC): Operation not permitted";
-#   - runtime = runc when it is installed (crun where it is not), the runtime measured to work on such hosts.
+#   - runtime = runc when it is installed (crun where it is not): on a host with hybrid cgroups crun refuses
+#     ("cgroups in hybrid mode not supported, drop all controllers from cgroupv2") where runc runs.
 # Prints the file's path. Called by the Makefile; safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -88,7 +88,7 @@ class Podman:
         if path is None:
             raise SystemExit(
                 "image-test: podman is not installed; on Debian: "
-                "apt-get install -y podman buildah crun fuse-overlayfs debootstrap"
+                "apt-get install -y podman buildah crun runc fuse-overlayfs debootstrap"
             )
         self.path = path
         self.env = dict(os.environ)
