@@ -17,7 +17,7 @@ each printing what it measured, the run failing (exit 1) at the first that does 
    /readyz are asked from inside its network namespace (podman 4.3 does not run HTTP probes itself), it answers
    every request sent, and stopping it mid-burst drains it with nothing lost; then ``podman kube down``.
 
-Missing podman or base image: one line saying what to install or run, exit 2. Queues are named
+Missing podman, base image or model: one line saying what to install or run, nonzero exit. Queues are named
 ``image-test.<random>`` and deleted at the end; containers and pods are removed whatever happens.
 """
 
