@@ -50,19 +50,32 @@ chart-lint: install ## Lint and render the Helm chart per scenario; check it aga
 chart-docs: install ## Regenerate the chart's README (every value: type, default, meaning) from values.yaml and its schema
 	$(BIN)/python scripts/chart_readme.py
 
-# IMAGE: the tag to build; MODEL_SOURCE=none leaves the model out of the image (mount it at run time).
+# DEVICE: cuda (onnxruntime-gpu and NVIDIA's CUDA/cuDNN wheels) or cpu (onnxruntime); IMAGE: the tag to build
+# (qinfer:VERSION, the chart's default, or qinfer:VERSION-cpu);
+# BASE_IMAGE: any Debian/Ubuntu image with Python 3.11+ (empty: the Containerfile's default, python:3.12-slim);
+# MODEL_SOURCE=none leaves the model out of the image (mount it at run time).
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -n 1)
-IMAGE ?= qinfer:$(VERSION)
+DEVICE ?= cuda
+IMAGE ?= qinfer:$(VERSION)$(if $(filter cpu,$(DEVICE)),-cpu,)
+BASE_IMAGE ?=
+LOCAL_BASE_IMAGE ?= localhost/debian-python:bookworm
 MODEL_SOURCE ?= context
 
 .PHONY: image
-image: ## Build the worker image from the Containerfile with podman or docker (bakes in the default model)
-	@engine=$$(command -v podman || command -v docker) \
-	  || { echo "image: neither podman nor docker is installed; install one of them to build the Containerfile" >&2; exit 1; }; \
-	if [[ "$(MODEL_SOURCE)" == context && ! -f models/all-MiniLM-L6-v2/model.onnx ]]; then $(MAKE) model; fi; \
-	echo "image: building $(IMAGE) with $$engine (MODEL_SOURCE=$(MODEL_SOURCE))"; \
-	"$$engine" build -f Containerfile -t "$(IMAGE)" \
-	  --build-arg VERSION=$(VERSION) --build-arg MODEL_SOURCE=$(MODEL_SOURCE) .
+image: ## Build the worker image from the Containerfile with podman or docker (DEVICE=cuda|cpu, BASE_IMAGE=...)
+	@command -v podman > /dev/null || command -v docker > /dev/null \
+	  || { echo "image: neither podman nor docker is installed; on Debian: apt-get install -y podman buildah crun runc fuse-overlayfs debootstrap" >&2; exit 1; }
+	@if [[ "$(MODEL_SOURCE)" == context && ! -f models/all-MiniLM-L6-v2/model.onnx ]]; then $(MAKE) model; fi
+	$(PYTHON) scripts/build_image.py --tag "$(IMAGE)" --device "$(DEVICE)" --base-image "$(BASE_IMAGE)" \
+	  --model-source "$(MODEL_SOURCE)" --version "$(VERSION)"
+
+.PHONY: base-image
+base-image: ## Make LOCAL_BASE_IMAGE from Debian's packages (debootstrap + podman import), for builds with no registry
+	BASE_IMAGE="$(LOCAL_BASE_IMAGE)" scripts/base-image.sh
+
+.PHONY: image-test
+image-test: install ## Build the CPU image on LOCAL_BASE_IMAGE, run it and the chart's Deployment (podman kube play) against the broker
+	$(BIN)/python -m tests.image.harness --base-image "$(LOCAL_BASE_IMAGE)" $(IMAGE_TEST_ARGS)
 
 .PHONY: demo
 demo: model broker ## Start a worker on the default model, embed a few sentences through the broker, stop it
@@ -95,17 +108,15 @@ bench: model broker ## The performance benchmarks (bench/): each prints its rati
 	$(BIN)/python scripts/build_model.py --int8
 	$(BIN)/python -m bench.int8_report
 
-# gpu-check: the gpu extra in an environment of its own (.venv-gpu), installed as the image installs it, plus the
-# CUDA and cuDNN libraries that the image's CUDA base provides, here from NVIDIA's wheels (onnxruntime-gpu's `cuda`
-# extra leaves cuBLAS out, hence nvidia-cublas). Downloads about 2 GB once.
+# gpu-check: the gpu extra in an environment of its own (.venv-gpu), installed as the image installs it: ONNX
+# Runtime for CUDA 13 and NVIDIA's CUDA, cuBLAS and cuDNN wheels. Downloads about 2 GB once.
 ONNXRUNTIME_VERSION ?= $(shell sed -n 's/^ARG ONNXRUNTIME_VERSION=//p' Containerfile | head -n 1)
 GPU_VENV ?= .venv-gpu
-GPU_CUDA_LIBS ?= onnxruntime-gpu[cuda,cudnn]==$(ONNXRUNTIME_VERSION) nvidia-cublas~=13.0
 
 $(GPU_VENV)/.installed: pyproject.toml Containerfile
 	$(PYTHON) -m venv $(GPU_VENV)
 	$(GPU_VENV)/bin/pip install --quiet --upgrade pip
-	$(GPU_VENV)/bin/pip install --quiet '.[gpu]' "onnxruntime-gpu==$(ONNXRUNTIME_VERSION)" $(GPU_CUDA_LIBS)
+	$(GPU_VENV)/bin/pip install --quiet '.[gpu]' "onnxruntime-gpu==$(ONNXRUNTIME_VERSION)"
 	touch $@
 
 .PHONY: gpu-check

@@ -62,6 +62,13 @@ def worker_settings(rendered: Rendered, tmp_path: Path) -> Settings:
     return Settings.from_env(env)
 
 
+def replied_model_name(settings: Settings) -> str:
+    """The model name the workers' replies carry: WORKER_MODEL_NAME, else the model file's stem (folder: its name)."""
+    if settings.model_name:
+        return settings.model_name
+    return settings.model.name if settings.model.suffix != ".onnx" else settings.model.stem
+
+
 @pytest.mark.parametrize("scenario", scenario_params())
 def test_the_hook_is_a_valid_test_pod_and_policy_in_strict_mode(scenario: Scenario) -> None:
     rendered, pod = rendered_hook(scenario)
@@ -131,7 +138,7 @@ def test_the_hook_sends_a_real_producer_command_to_the_queue_the_workers_consume
     assert json.loads(sent.body) == values["tests"]["request"]
     assert sent.content_type == "application/json"
     assert sent.timeout_s == values["tests"]["timeoutS"]
-    assert (args.model_name, args.model_version) == (settings.resolved_model_name, settings.model_version)
+    assert (args.model_name, args.model_version) == (replied_model_name(settings), settings.model_version)
     assert pod["spec"]["activeDeadlineSeconds"] > args.timeout_s + script.PROCESS_MARGIN_S
 
 
@@ -148,7 +155,7 @@ def test_a_canary_release_tests_its_own_version_queue_and_a_model_file_its_stem(
     assert (args.queue, args.model_name, args.model_version, args.timeout_s) == ("model.minilm.v2", "minilm", "2", 7.5)
     file_model = deep_merge(INSTALL_TIME_CREDENTIALS, {"model": {"path": "/models/affine/affine.onnx"}})
     rendered = render(file_model)
-    assert script_args(hook_pod(rendered)).model_name == worker_settings(rendered, tmp_path).resolved_model_name
+    assert script_args(hook_pod(rendered)).model_name == replied_model_name(worker_settings(rendered, tmp_path))
 
 
 @pytest.mark.parametrize("scenario", scenario_params())

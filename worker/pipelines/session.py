@@ -6,7 +6,9 @@ module; it depends on neither, so the two pipelines do not import each other.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
 from collections.abc import Hashable, Sequence
 from pathlib import Path
@@ -21,7 +23,16 @@ from worker.batching import Arrays
 from worker.errors import ModelLoadError
 from worker.pipelines.config import ModelConfig
 
-__all__ = ["Part", "Pipeline", "TensorSpec", "check_rows", "choose_providers", "open_session", "spec_of"]
+__all__ = [
+    "Part",
+    "Pipeline",
+    "TensorSpec",
+    "check_rows",
+    "choose_providers",
+    "open_session",
+    "preload_cuda_libraries",
+    "spec_of",
+]
 
 # ONNX Runtime's type strings -> OIP datatypes.
 _ORT_TYPES = {
@@ -161,6 +172,24 @@ def choose_providers(device: str, device_id: int) -> list[Any]:
     return ["CPUExecutionProvider"]
 
 
+_preloaded = False
+
+
+def preload_cuda_libraries() -> None:
+    """Load CUDA and cuDNN from NVIDIA's wheels (the ``gpu`` extra) before the first CUDA session, once.
+
+    The CUDA provider library finds them on the system's loader path only; the image has no CUDA installation,
+    so ``onnxruntime.preload_dlls()`` opens them from the ``nvidia-*`` packages (where they are not installed it
+    leaves the system's to the loader). A CPU build of ONNX Runtime has no such function and needs none.
+    """
+    global _preloaded
+    if _preloaded or not hasattr(ort, "preload_dlls"):
+        return
+    with contextlib.redirect_stdout(io.StringIO()):  # its prints would break the JSON log lines on stdout
+        ort.preload_dlls()
+    _preloaded = True
+
+
 def open_session(path: Path, config: ModelConfig) -> ort.InferenceSession:
     """An ONNX Runtime session of the model file ``path`` on the device ``config`` asks for.
 
@@ -177,10 +206,11 @@ def open_session(path: Path, config: ModelConfig) -> ort.InferenceSession:
     # The worker's event loop shares the CPU with ONNX Runtime's threads: idle threads must sleep,
     # not spin, or they steal the cores the loop needs to receive and reply.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    providers = choose_providers(config.device, config.device_id)
+    if providers[0] != "CPUExecutionProvider":
+        preload_cuda_libraries()
     try:
-        session = ort.InferenceSession(
-            os.fspath(path), sess_options=options, providers=choose_providers(config.device, config.device_id)
-        )
+        session = ort.InferenceSession(os.fspath(path), sess_options=options, providers=providers)
     except Exception as e:  # ORT raises its own untyped errors for bad files
         raise ModelLoadError(f"ONNX Runtime could not load {path}: {e}") from e
     if config.device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":

@@ -122,6 +122,7 @@ The volumes behind qinfer.brokerVolumeMounts: only the keys a client needs, mode
 - name: broker
   secret:
     secretName: {{ include "qinfer.secretName" . }}
+    optional: false  # said outright: the pod cannot start without it (and podman kube play needs it)
     defaultMode: 288  # 0440: read-only, owner and the pod's fsGroup
     items:
       - key: {{ .Values.broker.secretKeys.amqpUrl }}
@@ -131,6 +132,7 @@ The volumes behind qinfer.brokerVolumeMounts: only the keys a client needs, mode
 - name: broker-tls
   secret:
     secretName: {{ .secretName }}
+    optional: false
     defaultMode: 288  # 0440: read-only, owner and the pod's fsGroup
     items:
       - key: {{ .secretKeys.ca }}
