@@ -267,10 +267,10 @@ def _calibrate(args: argparse.Namespace) -> int:
 def _coldstart(args: argparse.Namespace) -> int:
     import json
 
-    from producer.names import DEFAULT_AMQP_URL
+    from producer.wire.names import DEFAULT_AMQP_URL
     from worker.calibrate import synthetic_requests
     from worker.coldstart import ColdStartError, measure_once, merge_into, summarize
-    from worker.model import load_pipeline
+    from worker.pipelines.tensor import load_pipeline
 
     if args.runs < 1:
         print("worker coldstart: --runs must be at least 1", file=sys.stderr)

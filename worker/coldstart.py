@@ -123,7 +123,7 @@ async def measure_once(
     """
     import aio_pika
 
-    from producer.client import Client
+    from producer.client.rpc import Client
 
     queue = f"coldstart-{uuid.uuid4().hex[:12]}"
     command = [sys.executable, "-m", "worker.cli", "run", "--model", str(model), "--queue", queue]
