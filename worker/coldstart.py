@@ -96,6 +96,32 @@ async def _read_until_started(stream: asyncio.StreamReader, timeout_s: float) ->
     raise ColdStartError(f"the worker did not consume within {timeout_s:g} s")
 
 
+async def _round_trip(amqp_url: str, queue: str, inputs: Mapping[str, Any], timeout_s: float) -> None:
+    """Send one request over direct reply-to and wait for its reply (the worker's wire contract, no client)."""
+    import aio_pika
+
+    from producer.amqp.messages import request_message
+    from producer.wire.names import CONTENT_TYPE_MSGPACK, DIRECT_REPLY_TO
+    from producer.wire.protocol import encode_request
+
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        replies: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
+        reply_queue = await channel.get_queue(DIRECT_REPLY_TO, ensure=False)
+        await reply_queue.consume(replies.put, no_ack=True)
+        body = encode_request(inputs, CONTENT_TYPE_MSGPACK)
+        message = request_message(
+            body, request_id=uuid.uuid4().hex, content_type=CONTENT_TYPE_MSGPACK, reply_to=DIRECT_REPLY_TO,
+            timeout_s=timeout_s,
+        )  # fmt: skip
+        await channel.default_exchange.publish(message, routing_key=queue)
+        try:
+            await asyncio.wait_for(replies.get(), timeout_s)
+        except TimeoutError:
+            raise ColdStartError(f"no reply within {timeout_s:g} s after the worker consumed") from None
+
+
 async def _drain_stream(stream: asyncio.StreamReader) -> None:
     while await stream.readline():
         pass
@@ -123,8 +149,6 @@ async def measure_once(
     """
     import aio_pika
 
-    from producer.client.rpc import Client
-
     queue = f"coldstart-{uuid.uuid4().hex[:12]}"
     command = [sys.executable, "-m", "worker.cli", "run", "--model", str(model), "--queue", queue]
     command += ["--log-format", "json", "--http-port", "0", *extra_args]
@@ -138,9 +162,8 @@ async def measure_once(
     try:
         started = await _read_until_started(process.stderr, timeout_s)
         drain = asyncio.create_task(_drain_stream(process.stderr))
-        async with Client(amqp_url, queue=queue, timeout_s=timeout_s) as client:
-            await client.infer(inputs)
-            replied_at = time.time()
+        await _round_trip(amqp_url, queue, inputs, timeout_s)
+        replied_at = time.time()
     finally:
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
