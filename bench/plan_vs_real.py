@@ -1,0 +1,246 @@
+"""``producer plan`` against reality: the same burst, planned and run on real worker processes.
+
+1. Builds a CPU-heavy MLP (``tests.models.mlp_model``), measures its rows/s by batch size in this process
+   (one ONNX Runtime thread, as each worker runs) and one real cold start (``worker coldstart``'s
+   measurement), and plans the burst with compressed autoscaling values (polls and HPA syncs every 2 s,
+   so a minute of load shows scale-up and scale-down).
+2. Runs the burst for real: the load test's runner offers the same profile to a queue of its own while
+   this script starts and stops ``worker run`` processes when the plan's replica timeline says so
+   (start: a fresh process, its cold start real; stop: SIGTERM, the worker drains).
+3. Prints the backlog peak (ready messages), the time to drain (burst end to an empty queue) and the p99
+   latency, planned vs measured, with the error, and writes ``comparison.json``, the plan's plot and
+   the load test's report under ``--out``.
+
+The replicas follow the plan by construction; what is checked is the queue model (service rate, batches,
+prefetch, cold start, drain) against the broker and real processes. Two cores are shared here: the
+workers and the load generator compete for them, which the plan (one GPU per pod) does not model.
+
+Run: ``python -m bench.plan_vs_real`` (needs the broker at ``AMQP_URL``; about a minute and a half).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import aio_pika
+
+from producer.loadtest.payloads import PayloadSpec, build_bodies
+from producer.loadtest.profiles import Profile
+from producer.loadtest.report import ReportContext, write_report
+from producer.loadtest.runner import LoadRunner, Snapshot, Target
+from producer.loadtest.stats import summarize
+from producer.plan.control import Autoscaling, Policy, Rules
+from producer.plan.plot import plot
+from producer.plan.pods import PodModel
+from producer.plan.simulate import PlanResult, simulate
+from producer.plan.values import arrivals_from_profile
+from producer.wire.names import CONTENT_TYPE_MSGPACK, DEFAULT_AMQP_URL
+from tests.models import mlp_model
+from worker.calibrate import measure
+from worker.coldstart import measure_once
+from worker.pipelines.tensor import load_pipeline
+from worker.settings import Settings
+
+WIDTH = 2048
+MAX_BATCH = 8
+PREFETCH = 16
+WORKER_FLAGS = ["--max-batch", str(MAX_BATCH), "--prefetch", str(PREFETCH), "--intra-op-threads", "1"]
+PROFILE = Profile(mode="burst", rate_per_s=10, burst_rate_per_s=250, burst_start_s=5, burst_duration_s=8, duration_s=45)
+VALUES = Autoscaling(
+    min_replicas=1,
+    max_replicas=2,
+    target=150,
+    polling_s=2,
+    cooldown_s=30,
+    scale_up=Rules(stabilization_s=0, policies=(Policy(kind="Pods", value=1, period_s=2),)),
+    scale_down=Rules(stabilization_s=10, policies=(Policy(kind="Pods", value=1, period_s=5),)),
+    metric_lag_s=0,
+    hpa_sync_s=2,
+)
+
+
+def plan(model: Path, amqp_url: str, layers: int) -> tuple[PlanResult, dict[str, float]]:
+    pipeline = load_pipeline(Settings(model=model, intra_op_threads=1, max_batch=MAX_BATCH, log_level="warning"))
+    rates = measure(pipeline, [1, 2, 4, 8], seconds_per_size=1.0)
+    del pipeline
+    import numpy as np
+
+    inputs = {"x": np.zeros((1, WIDTH), dtype=np.float32)}
+    cold = asyncio.run(measure_once(model, inputs, amqp_url=amqp_url, extra_args=WORKER_FLAGS))
+    pod = PodModel(rows_per_s=rates, max_batch=MAX_BATCH, prefetch=PREFETCH, cold_start_s=sum(cold.values()))
+    arrivals = arrivals_from_profile(PROFILE, timeout_s=30)
+    result = simulate(VALUES, pod, arrivals, horizon_s=PROFILE.duration_s + 30, step_s=0.1, drain_grace_s=40)
+    print(f"model: MLP {WIDTH}x{layers}; rows/s by batch {', '.join(f'{b}: {r:.0f}' for b, r in rates.items())}")
+    print(
+        f"cold start (spawn to first reply): {pod.cold_start_s:.2f} s ("
+        + ", ".join(f"{k} {v:.2f}" for k, v in cold.items())
+        + ")"
+    )
+    return result, {str(b): r for b, r in rates.items()}
+
+
+class Fleet:
+    """Real ``worker run`` processes on one queue, started and stopped like pods."""
+
+    def __init__(self, model: Path, queue: str, amqp_url: str) -> None:
+        self.model, self.queue, self.amqp_url = model, queue, amqp_url
+        self.processes: list[asyncio.subprocess.Process] = []
+        self.stopping: list[asyncio.subprocess.Process] = []
+        self.events: list[tuple[float, str, int]] = []
+
+    async def start(self, t_s: float) -> None:
+        command = [sys.executable, "-m", "worker.cli", "run", "--model", str(self.model), "--queue", self.queue]
+        command += ["--log-format", "json", "--http-port", "0", *WORKER_FLAGS]
+        process = await asyncio.create_subprocess_exec(
+            *command,
+            env={**os.environ, "AMQP_URL": self.amqp_url},
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        self.processes.append(process)
+        self.events.append((t_s, "start", len(self.processes)))
+
+    def stop_newest(self, t_s: float) -> None:
+        process = self.processes.pop()
+        process.send_signal(signal.SIGTERM)  # drain: stop consuming, hand back, finish, close
+        self.stopping.append(process)
+        self.events.append((t_s, "sigterm", len(self.processes)))
+
+    async def close(self) -> None:
+        while self.processes:
+            self.stop_newest(-1)
+        for process in self.stopping:
+            try:
+                await asyncio.wait_for(process.wait(), 60)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+async def wait_consumers(amqp_url: str, queue: str, count: int, timeout_s: float = 120) -> None:
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(aio_pika.exceptions.ChannelClosed):
+                declared = await channel.declare_queue(queue, passive=True)
+                if (declared.declaration_result.consumer_count or 0) >= count:
+                    return
+            if channel.is_closed:
+                channel = await connection.channel()
+            await asyncio.sleep(0.2)  # polling the broker for a consumer; there is no event to wait on
+    raise RuntimeError(f"no {count} consumer(s) on {queue} within {timeout_s:g} s")
+
+
+async def run_real(planned: PlanResult, model: Path, amqp_url: str, out: Path) -> dict[str, float | None]:
+    queue = f"plan-vs-real-{uuid.uuid4().hex[:10]}"
+    fleet = Fleet(model, queue, amqp_url)
+    timeline = planned.timeline
+    for _ in range(int(timeline.replicas[0])):
+        await fleet.start(0.0)
+    await wait_consumers(amqp_url, queue, int(timeline.replicas[0]))
+    started = asyncio.get_running_loop().create_future()
+
+    def on_progress(snapshot: Snapshot) -> None:
+        if not started.done():
+            started.set_result(time.monotonic() - snapshot.elapsed_s)
+
+    spec = PayloadSpec(kind="tensor", rows=1, input_name="x", dims=(WIDTH,), content_type=CONTENT_TYPE_MSGPACK)
+    target = Target(amqp_url=amqp_url, queue=queue, timeout_s=30, drain_timeout_s=40, depth_interval_s=0.25)
+    runner = LoadRunner(
+        target, PROFILE, build_bodies(spec), content_type=spec.content_type, rows=1, on_progress=on_progress
+    )
+    load = asyncio.create_task(runner.run())
+    try:
+        t0 = await asyncio.wait_for(started, 60)
+        for t_s, wanted in zip(timeline.t_s, timeline.replicas, strict=True):
+            await asyncio.sleep(max(0.0, t0 + t_s - time.monotonic()))  # the plan's clock
+            while len(fleet.processes) < wanted:
+                await fleet.start(float(t_s))
+            while len(fleet.processes) > wanted:
+                fleet.stop_newest(float(t_s))
+            if load.done():
+                break
+        result = await load
+    finally:
+        await fleet.close()
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            await channel.queue_delete(queue, if_unused=False, if_empty=False)
+    window = PROFILE.burst_window_s
+    assert window is not None
+    summary = summarize(result.samples, send_duration_s=result.send_duration_s, depth=result.depth,
+                        bin_s=1.0, settled_after_s=window[1])  # fmt: skip
+    context = ReportContext(queue=queue, amqp_url=amqp_url, depth_source="passive queue declare",
+                            label="plan vs real", command="python -m bench.plan_vs_real")  # fmt: skip
+    write_report(out / "loadtest", summary=summary, result=result, profile=PROFILE, payload=spec, context=context)
+    (out / "fleet.json").write_text(json.dumps(fleet.events) + "\n")
+    depth = summary.depth
+    drained = depth.drained_at_s if depth else None
+    return {
+        "backlog_peak": float(depth.max_ready) if depth else None,
+        "drain_s": None if drained is None else drained - window[1],
+        "p99_s": summary.latency.p99_ms / 1000 if summary.latency else None,
+        "p50_s": summary.latency.p50_ms / 1000 if summary.latency else None,
+        "answered": float(summary.ok),
+        "sent": float(summary.sent),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("reports/plan-vs-real"), help="where to write")
+    parser.add_argument("--layers", type=int, default=12, help="dense layers of the MLP (its cost per row)")
+    args = parser.parse_args()
+    amqp_url = os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = mlp_model(args.out / "mlp.onnx", width=WIDTH, hidden=WIDTH, layers=args.layers)
+    planned, rates = plan(model, amqp_url, args.layers)
+    plot(args.out / "plan.png", [planned], ["planned"], f"plan vs real: {PROFILE.describe()}")
+    real = asyncio.run(run_real(planned, model, amqp_url, args.out))
+    s = planned.summary()
+    plan_figures = {"backlog_peak": float(s["backlog_peak"] or 0), "drain_s": s["drain_s"], "p99_s": s["p99_s"],
+                    "p50_s": s["p50_s"], "answered": float(planned.requests - planned.past_deadline),
+                    "sent": float(planned.requests)}  # fmt: skip
+    print(f"{'figure':<14}{'planned':>12}{'measured':>12}{'error':>10}")
+    rows = {}
+    for key in ("backlog_peak", "drain_s", "p99_s", "p50_s", "answered"):
+        p, m = plan_figures[key], real[key]
+        error = None if p is None or m is None or m == 0 else (p - m) / m
+        rows[key] = {"planned": p, "measured": m, "relative_error": error}
+        fmt = (
+            (lambda v: "-" if v is None else f"{v:.2f}")
+            if key.endswith("_s")
+            else (lambda v: "-" if v is None else f"{v:.0f}")
+        )
+        print(f"{key:<14}{fmt(p):>12}{fmt(m):>12}{'-' if error is None else f'{100 * error:+.0f} %':>10}")
+    (args.out / "comparison.json").write_text(
+        json.dumps(
+            {
+                "profile": dataclasses.asdict(PROFILE),
+                "rows_per_s": rates,
+                "cold_start_s": planned.pod.cold_start_s,
+                "figures": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"written: {args.out}/comparison.json, {args.out}/plan.png, {args.out}/loadtest/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
