@@ -73,7 +73,7 @@ def add_plan_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     run.add_argument("--tail-s", type=float, default=360.0,
                      help="simulate this long after sending stops (scale-in and its cost)")  # fmt: skip
     run.add_argument("--step-s", type=float, default=0.1, help="time step")
-    run.add_argument("--plot", type=Path, default=Path("plan.png"), help="PNG to write ('' for none)")
+    run.add_argument("--plot", default="plan.png", help="PNG to write ('' for none)")
     run.add_argument("--timeline", type=Path, default=None, help="write the replica timeline as JSON")
     search_group = p.add_argument_group("search")
     search_group.add_argument("--search", action="store_true", help="find the cheapest values meeting the goal")
@@ -183,10 +183,10 @@ def run_plan(args: argparse.Namespace) -> int:
         )
         results.append(result)
         print(_line(name, result))
-    if args.plot and str(args.plot):
+    if args.plot:
         from producer.plan.plot import plot
 
-        plot(args.plot, results, [name for name, _, _ in sets], f"producer plan: {described}")
+        plot(Path(args.plot), results, [name for name, _, _ in sets], f"producer plan: {described}")
         print(f"plot: {args.plot}")
     if args.timeline is not None:
         first = results[0]
