@@ -1,8 +1,9 @@
 """``producer plan`` against reality: the same burst, planned and run on real worker processes.
 
 1. Builds a CPU-heavy MLP (``tests.models.mlp_model``), measures its rows/s by batch size in this process
-   (one ONNX Runtime thread, as each worker runs) and one real cold start (``worker coldstart``'s
-   measurement), and plans the burst with compressed autoscaling values (polls and HPA syncs every 2 s,
+   (one ONNX Runtime thread, as each worker runs), one worker's rate through the broker with a backlog
+   (600 requests at once; the in-process table scaled to it), and one real cold start (``worker
+   coldstart``'s measurement), and plans the burst with compressed autoscaling values (polls and HPA syncs every 2 s,
    so a minute of load shows scale-up and scale-down).
 2. Runs the burst for real: the load test's runner offers the same profile to a queue of its own while
    this script starts and stops ``worker run`` processes when the plan's replica timeline says so
@@ -69,24 +70,61 @@ VALUES = Autoscaling(
 )
 
 
-def plan(model: Path, amqp_url: str, layers: int) -> tuple[PlanResult, dict[str, float]]:
+async def broker_rate(model: Path, amqp_url: str, workers: int = 1, requests: int = 600) -> float:
+    """Rows/s of ``workers`` workers together through the broker with a backlog (full batches): replies
+    per second while ``requests`` requests, published at once, are answered."""
+    queue = f"plan-rate-{uuid.uuid4().hex[:10]}"
+    fleet = Fleet(model, queue, amqp_url)
+    for _ in range(workers):
+        await fleet.start(0.0)
+    try:
+        await wait_consumers(amqp_url, queue, workers)
+        spec = PayloadSpec(kind="tensor", rows=1, input_name="x", dims=(WIDTH,), content_type=CONTENT_TYPE_MSGPACK)
+        profile = Profile(mode="constant", rate_per_s=requests * 10, duration_s=0.1, max_requests=requests)
+        target = Target(amqp_url=amqp_url, queue=queue, timeout_s=60, drain_timeout_s=60)
+        result = await LoadRunner(target, profile, build_bodies(spec), content_type=spec.content_type, rows=1).run()
+    finally:
+        await fleet.close()
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            await channel.queue_delete(queue, if_unused=False, if_empty=False)
+    replied = sorted(s.replied_s for s in result.samples if s.replied_s is not None)
+    skip = len(replied) // 10  # the first replies come before the backlog forms full batches
+    return (len(replied) - 1 - skip) / (replied[-1] - replied[skip])
+
+
+def plan(model: Path, amqp_url: str, layers: int) -> tuple[PlanResult, PlanResult, dict[str, float]]:
     pipeline = load_pipeline(Settings(model=model, intra_op_threads=1, max_batch=MAX_BATCH, log_level="warning"))
-    rates = measure(pipeline, [1, 2, 4, 8], seconds_per_size=1.0)
+    in_process = measure(pipeline, [1, 2, 4, 8], seconds_per_size=1.0)
     del pipeline
     import numpy as np
 
     inputs = {"x": np.zeros((1, WIDTH), dtype=np.float32)}
     cold = asyncio.run(measure_once(model, inputs, amqp_url=amqp_url, extra_args=WORKER_FLAGS))
+    # The pod's rate end to end (docs/deploy.md: confirm the in-process ceiling through the broker); the
+    # in-process table gives the shape by batch size.
+    pod_rate = asyncio.run(broker_rate(model, amqp_url))
+    shared_rate = asyncio.run(broker_rate(model, amqp_url, workers=VALUES.max_replicas)) / VALUES.max_replicas
+    scale = pod_rate / in_process[MAX_BATCH]
+    rates = {b: r * scale for b, r in in_process.items()}
+    print(
+        f"through the broker: one worker {pod_rate:.0f} rows/s ({scale:.2f} of in process at batch {MAX_BATCH}); "
+        f"{VALUES.max_replicas} together {shared_rate:.0f} rows/s each"
+    )
     pod = PodModel(rows_per_s=rates, max_batch=MAX_BATCH, prefetch=PREFETCH, cold_start_s=sum(cold.values()))
     arrivals = arrivals_from_profile(PROFILE, timeout_s=30)
     result = simulate(VALUES, pod, arrivals, horizon_s=PROFILE.duration_s + 30, step_s=0.1, drain_grace_s=40)
-    print(f"model: MLP {WIDTH}x{layers}; rows/s by batch {', '.join(f'{b}: {r:.0f}' for b, r in rates.items())}")
+    # The same plan with each pod at the rate it has when the pods share this machine's cores.
+    shared = pod.with_changes(rows_per_s={b: r * shared_rate / pod_rate for b, r in rates.items()})
+    shared_result = simulate(VALUES, shared, arrivals, horizon_s=PROFILE.duration_s + 30, step_s=0.1, drain_grace_s=40)
+    print(f"model: MLP {WIDTH}x{layers}; rows/s in process {', '.join(f'{b}: {r:.0f}' for b, r in in_process.items())}")
     print(
         f"cold start (spawn to first reply): {pod.cold_start_s:.2f} s ("
         + ", ".join(f"{k} {v:.2f}" for k, v in cold.items())
         + ")"
     )
-    return result, {str(b): r for b, r in rates.items()}
+    return result, shared_result, {str(b): r for b, r in rates.items()}
 
 
 class Fleet:
@@ -199,6 +237,12 @@ async def run_real(planned: PlanResult, model: Path, amqp_url: str, out: Path) -
     }
 
 
+def _fmt(key: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if key.endswith("_s") else f"{value:.0f}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("reports/plan-vs-real"), help="where to write")
@@ -207,37 +251,33 @@ def main() -> int:
     amqp_url = os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
     args.out.mkdir(parents=True, exist_ok=True)
     model = mlp_model(args.out / "mlp.onnx", width=WIDTH, hidden=WIDTH, layers=args.layers)
-    planned, rates = plan(model, amqp_url, args.layers)
-    plot(args.out / "plan.png", [planned], ["planned"], f"plan vs real: {PROFILE.describe()}")
+    planned, shared, rates = plan(model, amqp_url, args.layers)
+    plot(args.out / "plan.png", [planned, shared], ["planned: pods independent", "planned: pods sharing 2 cores"],
+         f"plan vs real: {PROFILE.describe()}")  # fmt: skip
     real = asyncio.run(run_real(planned, model, amqp_url, args.out))
-    s = planned.summary()
-    plan_figures = {"backlog_peak": float(s["backlog_peak"] or 0), "drain_s": s["drain_s"], "p99_s": s["p99_s"],
-                    "p50_s": s["p50_s"], "answered": float(planned.requests - planned.past_deadline),
-                    "sent": float(planned.requests)}  # fmt: skip
-    print(f"{'figure':<14}{'planned':>12}{'measured':>12}{'error':>10}")
-    rows = {}
+
+    def figures(r: PlanResult) -> dict[str, float | None]:
+        s = r.summary()
+        return {"backlog_peak": float(s["backlog_peak"] or 0), "drain_s": s["drain_s"], "p99_s": s["p99_s"],
+                "p50_s": s["p50_s"], "answered": float(r.requests - r.past_deadline)}  # fmt: skip
+
+    plans = {"independent": figures(planned), "shared": figures(shared)}
+    print(f"{'figure':<14}{'planned':>12}{'error':>8}{'shared':>12}{'error':>8}{'measured':>12}")
+    rows: dict[str, dict[str, float | None]] = {}
     for key in ("backlog_peak", "drain_s", "p99_s", "p50_s", "answered"):
-        p, m = plan_figures[key], real[key]
-        error = None if p is None or m is None or m == 0 else (p - m) / m
-        rows[key] = {"planned": p, "measured": m, "relative_error": error}
-        fmt = (
-            (lambda v: "-" if v is None else f"{v:.2f}")
-            if key.endswith("_s")
-            else (lambda v: "-" if v is None else f"{v:.0f}")
-        )
-        print(f"{key:<14}{fmt(p):>12}{fmt(m):>12}{'-' if error is None else f'{100 * error:+.0f} %':>10}")
+        m = real[key]
+        line = f"{key:<14}"
+        rows[key] = {"measured": m}
+        for name, p in ((n, f[key]) for n, f in plans.items()):
+            error = None if p is None or m is None or m == 0 else (p - m) / m
+            rows[key][f"planned_{name}"] = p
+            rows[key][f"error_{name}"] = error
+            line += f"{_fmt(key, p):>12}{'-' if error is None else f'{100 * error:+.0f}%':>8}"
+        print(line + f"{_fmt(key, m):>12}")
     (args.out / "comparison.json").write_text(
-        json.dumps(
-            {
-                "profile": dataclasses.asdict(PROFILE),
-                "rows_per_s": rates,
-                "cold_start_s": planned.pod.cold_start_s,
-                "figures": rows,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+        json.dumps({"profile": dataclasses.asdict(PROFILE), "rows_per_s": rates,
+                    "cold_start_s": planned.pod.cold_start_s, "figures": rows}, indent=2) + "\n"
+    )  # fmt: skip
     print(f"written: {args.out}/comparison.json, {args.out}/plan.png, {args.out}/loadtest/")
     return 0
 

@@ -226,7 +226,8 @@ def simulate(
                 while p.held and p.credit_rows >= rows:
                     i = p.held.popleft()
                     p.credit_rows -= rows
-                    done = end - p.credit_rows / rate + pod.overhead_s
+                    # Within the step at the rate's pace, never sooner after its arrival than its batch takes.
+                    done = max(end - p.credit_rows / rate, times[i] + batch / rate) + pod.overhead_s
                     answered[i] = done
                     if done <= deadline[i]:
                         latency[i] = done - times[i]

@@ -105,6 +105,13 @@ def test_a_burst_beyond_one_pod_builds_a_backlog_that_more_pods_drain() -> None:
     assert scaled.past_deadline == alone.past_deadline == 0
 
 
+def test_no_request_is_answered_sooner_than_its_rows_take() -> None:
+    arrivals = Arrivals(times_s=[i * 0.037 for i in range(300)], burst_end_s=11)
+    model = pod(rate=1000)
+    result = simulate(values(), model, arrivals, horizon_s=15)
+    assert result.latency_s.min() >= 1 / model.rate(1) + model.overhead_s - 1e-9
+
+
 def test_requests_waiting_past_their_deadline_are_counted_and_not_served() -> None:
     burst = Arrivals(times_s=[i / 500 for i in range(2000)], timeout_s=2.0, burst_end_s=4)
     result = simulate(values(max_replicas=1), pod(), burst, horizon_s=60)
