@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,16 @@ def test_cold_start_phases_come_from_the_marks() -> None:
     summary = summarize([run, {**run, "session": 2.0}])
     assert summary["dominant"] == "session"
     assert summary["total_s"] == pytest.approx(sum(summary["median_s"].values()))
+
+
+def test_calibrate_and_coldstart_share_one_file_the_planner_reads(tmp_path: Path) -> None:
+    from worker.calibrate import Calibration, plan_capacity, write_figures
+    from worker.coldstart import merge_into
+
+    path = tmp_path / "calibration.json"
+    merge_into(path, {"total_s": 4.0, "dominant": "session"})
+    calibration = Calibration({1: 10.0, 8: 40.0}, max_batch=8, prefetch=16, rows_per_message=1, queueing_delay_s=30)
+    write_figures(path, plan_capacity(calibration, 0.001, on_cpu=False, cpus=2), model="m", providers=["CPU"])
+    merge_into(path, {"total_s": 3.0, "dominant": "imports"})  # a later cold start replaces only its section
+    model = pod_model_from_calibration(json.loads(path.read_text()))
+    assert (model.cold_start_s, model.max_batch, model.prefetch, model.best_rows_per_s) == (3.0, 8, 16, 40.0)
