@@ -129,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     coldstart.add_argument("--amqp-url", default=None, help="broker URL (default: env AMQP_URL or the local one)")
     coldstart.add_argument("--out", type=Path, default=None,
                            help="write the figures as the cold_start section of this JSON file")  # fmt: skip
-    coldstart.add_argument("worker_args", nargs="*", metavar="-- WORKER_FLAG",
-                           help="more `worker run` flags after --, e.g. -- --max-batch 32 --device cpu")  # fmt: skip
+    coldstart.add_argument("--worker-args", default="",
+                           help="more `worker run` flags: --worker-args='--max-batch 32 --device cpu'")  # fmt: skip
     return parser
 
 
@@ -266,6 +266,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 def _coldstart(args: argparse.Namespace) -> int:
     import json
+    import shlex
 
     from producer.wire.names import DEFAULT_AMQP_URL
     from worker.calibrate import synthetic_requests
@@ -276,6 +277,7 @@ def _coldstart(args: argparse.Namespace) -> int:
         print("worker coldstart: --runs must be at least 1", file=sys.stderr)
         return 2
     configure_logging(log_format="console", level="warning")
+    worker_args = shlex.split(args.worker_args)
     url = args.amqp_url or os.environ.get("AMQP_URL") or DEFAULT_AMQP_URL
     # The request is shaped for the model; built here, before any measured start.
     pipeline = load_pipeline(settings_mod.Settings(model=args.model, device="cpu", log_level="warning"))
@@ -285,7 +287,7 @@ def _coldstart(args: argparse.Namespace) -> int:
     runs = []
     for i in range(args.runs):
         try:
-            run = asyncio.run(measure_once(args.model, inputs, amqp_url=url, extra_args=args.worker_args))
+            run = asyncio.run(measure_once(args.model, inputs, amqp_url=url, extra_args=worker_args))
         except ColdStartError as e:
             print(f"worker coldstart: {e}", file=sys.stderr)
             return 1
@@ -295,7 +297,7 @@ def _coldstart(args: argparse.Namespace) -> int:
             + ", ".join(f"{k} {v:.3f} s" for k, v in run.items())
             + f"; total {sum(run.values()):.3f} s"
         )
-    summary = {"model": str(args.model), "worker_args": list(args.worker_args), **summarize(runs)}
+    summary = {"model": str(args.model), "worker_args": worker_args, **summarize(runs)}
     median = summary["median_s"]
     print(f"cold start of {args.model} (median of {args.runs}): {summary['total_s']:.3f} s to the first reply")
     for name, value in median.items():
