@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest = add_loadtest_parser(commands)
     loadtest.epilog = examples_epilog(EXAMPLES["load-test"])
     loadtest.formatter_class = DefaultsAndExamples
-    add_plan_parser(commands)
+    plan = add_plan_parser(commands)
+    plan.epilog = examples_epilog(EXAMPLES["plan"])
+    plan.formatter_class = DefaultsAndExamples
     bulk = add_bulk_parser(commands)
     bulk.epilog = examples_epilog(EXAMPLES["bulk"], before=bulk.epilog or "")  # bulk's epilog is laid out by hand
     add_route_parser(commands)

@@ -37,6 +37,15 @@ examples:
   worker calibrate
   # a tensor model whose producers pack 16 rows per message
   worker calibrate model.onnx --rows-per-message 16
+  # the figures as JSON, for producer plan
+  worker calibrate --out calibration.json
+""",
+    "coldstart": """\
+examples:
+  # a fresh worker on the default model, median of 3 starts, added to calibrate's file
+  worker coldstart --out calibration.json
+  # a tensor model as the chart runs it
+  worker coldstart model.onnx --runs 5 --worker-args='--max-batch 32 --prefetch 64'
 """,
 }
 
@@ -122,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Spawn `worker run` on a queue of its own, time process start -> imports done -> session "
         "created -> warmed -> consuming -> first reply, stop it with SIGTERM, and say which phase dominates. "
         "Needs a broker (AMQP_URL).",
+        epilog=_EXAMPLES["coldstart"],
+        formatter_class=_ExamplesFormatter,
     )
     coldstart.add_argument("model", type=Path, nargs="?", default=Path(settings_mod.DEFAULT_MODEL_PATH),
                            help="ONNX file or model folder (default: %(default)s)")  # fmt: skip
