@@ -26,6 +26,7 @@ from producer.cli_help import EXAMPLES, DefaultsAndExamples, ExamplesFormatter, 
 from producer.client.rpc import Client
 from producer.exit_codes import ExitCode, exit_code_for
 from producer.loadtest.cli import add_loadtest_parser, run_loadtest
+from producer.plan.cli import add_plan_parser, run_plan
 from producer.route_cli import add_route_parser, run_route
 from producer.wire.errors import (
     BrokerTlsError,
@@ -85,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest = add_loadtest_parser(commands)
     loadtest.epilog = examples_epilog(EXAMPLES["load-test"])
     loadtest.formatter_class = DefaultsAndExamples
+    plan = add_plan_parser(commands)
+    plan.epilog = examples_epilog(EXAMPLES["plan"])
+    plan.formatter_class = DefaultsAndExamples
     bulk = add_bulk_parser(commands)
     bulk.epilog = examples_epilog(EXAMPLES["bulk"], before=bulk.epilog or "")  # bulk's epilog is laid out by hand
     add_route_parser(commands)
@@ -154,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "load-test":
         return run_loadtest(args)
+    if args.command == "plan":
+        return run_plan(args)
     if args.command == "bulk":
         return run_bulk(args)
     if args.command == "route":

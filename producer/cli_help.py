@@ -33,6 +33,16 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
         ("the default burst profile against the default queue", "producer load-test"),
         ("a constant 200 requests/s for 30 s", "producer load-test --mode constant --rate-per-s 200 --duration-s 30"),
     ],
+    "plan": [
+        (
+            "two values files side by side on the default burst, plotted",
+            "producer plan --calibration calibration.json --values mine.yaml --compare other.yaml --plot plan.png",
+        ),
+        (
+            "the cheapest values with p99 under 2 s for a recorded load test",
+            "producer plan --calibration calibration.json --report report.json --search --p99 2",
+        ),
+    ],
     "route": [
         ("a model's versions, weights and queue depths", "producer route show minilm"),
         ("move what a removed version's queue holds onto the route", "producer route drain minilm 1"),

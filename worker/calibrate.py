@@ -21,11 +21,14 @@ with the prefetch, CPU request and KEDA target that follow, as a values file fra
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
 import random
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -218,3 +221,30 @@ def plan_capacity(
     if on_cpu:
         processes = min(processes, cpus)
     return CapacityPlan(calibration, intake_s_per_message, processes, on_cpu, cpus)
+
+
+def write_figures(path: Path, plan: CapacityPlan, *, model: str, providers: Sequence[str]) -> None:
+    """Write ``plan``'s figures to the JSON file at ``path`` (read by ``producer plan``), keeping a
+    ``cold_start`` section already there."""
+    data: dict[str, Any] = {}
+    if path.exists():
+        with contextlib.suppress(ValueError):
+            loaded = json.loads(path.read_text())
+            if isinstance(loaded, dict) and "cold_start" in loaded:
+                data["cold_start"] = loaded["cold_start"]
+    c = plan.calibration
+    data.update(
+        {
+            "model": model,
+            "providers": list(providers),
+            "rows_per_s": {str(b): r for b, r in sorted(c.rows_per_s.items())},
+            "max_batch": c.max_batch,
+            "prefetch": c.prefetch,
+            "rows_per_message": c.rows_per_message,
+            "processes": plan.processes,
+            "intake_rows_per_s_per_process": plan.intake_rows_per_s,
+            "pod_rows_per_s": plan.pod_rows_per_s,
+            "keda_target": plan.keda_target,
+        }
+    )
+    path.write_text(json.dumps(data, indent=2) + "\n")

@@ -37,6 +37,15 @@ examples:
   worker calibrate
   # a tensor model whose producers pack 16 rows per message
   worker calibrate model.onnx --rows-per-message 16
+  # the figures as JSON, for producer plan
+  worker calibrate --out calibration.json
+""",
+    "coldstart": """\
+examples:
+  # a fresh worker on the default model, median of 3 starts, added to calibrate's file
+  worker coldstart --out calibration.json
+  # a tensor model as the chart runs it
+  worker coldstart model.onnx --runs 5 --worker-args='--max-batch 32 --prefetch 64'
 """,
 }
 
@@ -113,6 +122,26 @@ def build_parser() -> argparse.ArgumentParser:
         "worker measured 0.44 in all on a quorum queue with a near-zero model, a bare aio-pika echo consumer 0.42 "
         "(python -m bench.broker_bound --model affine prints both for your machine)",
     )
+    calibrate.add_argument("--out", type=Path, default=None,
+                           help="also write the figures to this JSON file (read by `producer plan`; a "
+                           "cold_start section written by `worker coldstart` is kept)")  # fmt: skip
+    coldstart = commands.add_parser(
+        "coldstart",
+        help="measure how long a fresh worker process takes to answer, phase by phase",
+        description="Spawn `worker run` on a queue of its own, time process start -> imports done -> session "
+        "created -> warmed -> consuming -> first reply, stop it with SIGTERM, and say which phase dominates. "
+        "Needs a broker (AMQP_URL).",
+        epilog=_EXAMPLES["coldstart"],
+        formatter_class=_ExamplesFormatter,
+    )
+    coldstart.add_argument("model", type=Path, nargs="?", default=Path(settings_mod.DEFAULT_MODEL_PATH),
+                           help="ONNX file or model folder (default: %(default)s)")  # fmt: skip
+    coldstart.add_argument("--runs", type=int, default=3, help="cold starts to take the median of (default 3)")
+    coldstart.add_argument("--amqp-url", default=None, help="broker URL (default: env AMQP_URL or the local one)")
+    coldstart.add_argument("--out", type=Path, default=None,
+                           help="write the figures as the cold_start section of this JSON file")  # fmt: skip
+    coldstart.add_argument("--worker-args", default="",
+                           help="more `worker run` flags: --worker-args='--max-batch 32 --device cpu'")  # fmt: skip
     return parser
 
 
@@ -127,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             return _inspect(args.model)
         if args.command == "calibrate":
             return _calibrate(args)
+        if args.command == "coldstart":
+            return _coldstart(args)
     except (settings_mod.SettingsError, tracing.ConfigError) as e:
         print(f"worker: invalid setting: {e}", file=sys.stderr)
         return 2
@@ -236,6 +267,58 @@ def _calibrate(args: argparse.Namespace) -> int:
     console.print(capacity)
     console.print("values to paste into your values file:")
     print(plan.values_yaml(f"worker calibrate: {pipeline.name} on {pipeline.providers[0]}"))
+    if args.out is not None:
+        from worker.calibrate import write_figures
+
+        write_figures(args.out, plan, model=pipeline.name, providers=pipeline.providers)
+        console.print(f"figures written to {args.out} (add the cold start with `worker coldstart --out {args.out}`)")
+    return 0
+
+
+def _coldstart(args: argparse.Namespace) -> int:
+    import json
+    import shlex
+
+    from producer.wire.names import DEFAULT_AMQP_URL
+    from worker.calibrate import synthetic_requests
+    from worker.coldstart import ColdStartError, measure_once, merge_into, summarize
+    from worker.pipelines.tensor import load_pipeline
+
+    if args.runs < 1:
+        print("worker coldstart: --runs must be at least 1", file=sys.stderr)
+        return 2
+    configure_logging(log_format="console", level="warning")
+    worker_args = shlex.split(args.worker_args)
+    url = args.amqp_url or os.environ.get("AMQP_URL") or DEFAULT_AMQP_URL
+    # The request is shaped for the model; built here, before any measured start.
+    pipeline = load_pipeline(settings_mod.Settings(model=args.model, device="cpu", log_level="warning").model_config)
+    request = synthetic_requests(pipeline, 1)[0]
+    inputs = {k: (v.tolist() if v.dtype == object else v) for k, v in request.inputs.items()}
+    del pipeline
+    runs = []
+    for i in range(args.runs):
+        try:
+            run = asyncio.run(measure_once(args.model, inputs, amqp_url=url, extra_args=worker_args))
+        except ColdStartError as e:
+            print(f"worker coldstart: {e}", file=sys.stderr)
+            return 1
+        runs.append(run)
+        print(
+            f"run {i + 1}: "
+            + ", ".join(f"{k} {v:.3f} s" for k, v in run.items())
+            + f"; total {sum(run.values()):.3f} s"
+        )
+    summary = {"model": str(args.model), "worker_args": worker_args, **summarize(runs)}
+    median = summary["median_s"]
+    print(f"cold start of {args.model} (median of {args.runs}): {summary['total_s']:.3f} s to the first reply")
+    for name, value in median.items():
+        print(f"  {name:<24} {value:8.3f} s  {100 * value / summary['total_s']:5.1f} %")
+    print(f"dominated by {summary['dominant']} ({100 * summary['dominant_share']:.0f} %)")
+    if args.out is not None:
+        merge_into(args.out, summary)
+        print(f"cold_start written to {args.out}")
+    else:
+        print(json.dumps(summary))
     return 0
 
 

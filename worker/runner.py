@@ -4,7 +4,9 @@ Handing a batch to the model thread and back costs about 0.1 ms of event-loop ti
 1 ms at saturation on two cores, when the model thread waits for the GIL the busy loop holds. A model
 whose warm-up (one row, then a full batch) takes less than :data:`INLINE_COMPUTE_S` runs inline:
 blocking the loop that briefly costs less than the hand-off. Anything slower runs in the model thread
-while the loop receives.
+while the loop receives. A first pass already :data:`CLEARLY_SLOW` times over that budget decides
+"model thread" by itself: the second, timed pass could not change the answer, so a slow model's
+cold start no longer pays for it (``worker coldstart`` measures the phases).
 
 Called by the worker (warm-up) and the scheduler (runs); calls the pipeline.
 """
@@ -23,6 +25,9 @@ from worker.pipelines.tensor import Pipeline, load_pipeline
 from worker.settings import Settings
 
 INLINE_COMPUTE_S = 0.001
+CLEARLY_SLOW = 20
+"""A first warm-up pass (allocation and kernel choice included) this many times over
+:data:`INLINE_COMPUTE_S` decides the model thread without a second, timed pass."""
 
 RunResult = tuple[list[Arrays | Exception], float, float]
 """Per-item results (outputs or the exception that item raised), start (monotonic), duration (s)."""
@@ -50,6 +55,11 @@ class ModelRunner:
         self.inline = False
         self.warm_up_s = 0.0
         self.one_thread = False
+        self.load_s = 0.0
+        self.first_warm_up_s = 0.0
+        self.warm_up_passes = 0
+        self.loaded_at = 0.0
+        self.warmed_at = 0.0
 
     async def warm_up(self, settings: Settings, pipeline: Pipeline | None) -> Pipeline:
         """Load the model if not given, warm it up, time it, and decide where it runs.
@@ -59,12 +69,20 @@ class ModelRunner:
         """
         loaded_here = pipeline is None
         if pipeline is None:
+            started = time.perf_counter()
             pipeline = await asyncio.to_thread(load_pipeline, settings.model_config)
+            self.load_s = time.perf_counter() - started
+        self.loaded_at = time.time()
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, pipeline.warm_up, settings.max_batch)
-        # Timed on its second pass (the first pays for allocation and kernel choice), with nothing
-        # else running: the model's own cost, decided once.
-        self.warm_up_s = await loop.run_in_executor(self._executor, _timed_warm_up, pipeline, settings.max_batch)
+        self.first_warm_up_s = await loop.run_in_executor(self._executor, _timed_warm_up, pipeline, settings.max_batch)
+        self.warm_up_passes = 1
+        if self.first_warm_up_s >= CLEARLY_SLOW * INLINE_COMPUTE_S:
+            self.warm_up_s = self.first_warm_up_s  # an upper bound, far above the budget either way
+        else:
+            # Timed on its second pass (the first pays for allocation and kernel choice), with nothing
+            # else running: the model's own cost, decided once.
+            self.warm_up_s = await loop.run_in_executor(self._executor, _timed_warm_up, pipeline, settings.max_batch)
+            self.warm_up_passes = 2
         self.inline = self.warm_up_s < INLINE_COMPUTE_S
         on_cpu = pipeline.providers[0] == "CPUExecutionProvider"
         self.one_thread = self.inline and loaded_here and on_cpu and settings.intra_op_threads == 0
@@ -75,6 +93,7 @@ class ModelRunner:
                 load_pipeline, dataclasses.replace(settings.model_config, intra_op_threads=1)
             )
             await loop.run_in_executor(self._executor, pipeline.warm_up, settings.max_batch)
+        self.warmed_at = time.time()
         return pipeline
 
     def run_inline(self, run: Callable[[Sequence[Any]], list[Arrays]], prepared: Sequence[Any]) -> RunResult:

@@ -76,6 +76,7 @@ class Worker:
         install_signal_handlers: bool = True,
         tracer_provider: TracerProvider | None = None,
     ) -> None:
+        self.created_at = time.time()  # the imports are done: startup marks are measured from here
         self.settings = settings
         self.pipeline = pipeline
         self.install_signal_handlers = install_signal_handlers
@@ -188,6 +189,7 @@ class Worker:
         await self._replier.open()
         await self._consumer.start(parts.intake.on_message)
         self.consuming_event.set()
+        consuming_at = time.time()
         log.info(
             "worker_started",
             model=pipeline.name,
@@ -203,6 +205,13 @@ class Worker:
             max_delay_ms=s.max_delay_ms,
             prefetch=s.prefetch,
             warm_up_ms=round(self._runner.warm_up_s * 1000, 3),
+            # Wall-clock marks of the start (s since the epoch), read by ``worker coldstart``.
+            startup_at={
+                "imports_done": self.created_at,
+                "session_created": self._runner.loaded_at or self.created_at,
+                "warmed": self._runner.warmed_at,
+                "consuming": consuming_at,
+            },
             model_runs="inline" if self._runner.inline else "model thread",
             intra_op_threads=1 if self._runner.one_thread else s.intra_op_threads or "auto",
             http_port=s.http_port or None,

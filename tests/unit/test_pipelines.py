@@ -185,18 +185,33 @@ def test_a_lone_surrogate_is_an_invalid_tensor(text_pipeline: TextEmbeddingPipel
     assert caught.value.code == ErrorCode.INVALID_TENSOR
 
 
-def test_warm_up_runs_max_rows_of_the_longest_text(text_pipeline: TextEmbeddingPipeline) -> None:
+def _warm_up_shapes(pipeline: TextEmbeddingPipeline) -> list[tuple[int, ...]]:
     shapes: list[tuple[int, ...]] = []
-    session = text_pipeline.session
+    session = pipeline.session
 
     class Recording:
         def run(self, names: list[str], feeds: dict[str, npt.NDArray[Any]]) -> Any:
             shapes.append(feeds["input_ids"].shape)
             return session.run(names, feeds)
 
-    text_pipeline.session = Recording()
-    text_pipeline.warm_up(MAX_ROWS)
-    assert max(shapes) == (MAX_ROWS, text_pipeline.text.max_length)
+    pipeline.session = Recording()
+    pipeline.warm_up(MAX_ROWS)
+    return shapes
+
+
+def test_warm_up_on_a_gpu_runs_max_rows_of_the_longest_text(text_pipeline: TextEmbeddingPipeline) -> None:
+    text_pipeline.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]  # the memory to take at start
+    assert max(_warm_up_shapes(text_pipeline)) == (MAX_ROWS, text_pipeline.text.max_length)
+
+
+def test_warm_up_on_the_cpu_runs_the_longest_text_once_and_a_full_batch_of_short_ones(
+    text_pipeline: TextEmbeddingPipeline,
+) -> None:
+    shapes = _warm_up_shapes(text_pipeline)
+    longest = text_pipeline.text.max_length
+    assert (1, longest) in shapes
+    assert any(rows == MAX_ROWS and length < longest for rows, length in shapes)
+    assert (MAX_ROWS, longest) not in shapes
 
 
 # ---------------------------------------------------------------------------------------------

@@ -139,11 +139,20 @@ class TextEmbeddingPipeline:
         return [{self.text.output: part} for part in np.split(vectors, bounds)]
 
     def warm_up(self, max_rows: int) -> None:
-        """Run one short text, then ``max_rows`` texts of the longest length accepted (``max_length`` tokens), so
-        the largest batch's memory is taken at start."""
+        """Run one short text first, then what the device needs before the first request.
+
+        On a GPU: ``max_rows`` texts of the longest length accepted (``max_length`` tokens), so the
+        largest batch's memory is taken at start. On the CPU, where memory is taken as it is needed and
+        that full batch is the slowest part of a cold start (seconds for MiniLM on two cores), one text
+        of the longest length and a full batch of short texts: every kernel and both extremes of the
+        shapes are run once, at a fraction of the cost."""
         short = self.text.tokenize(["warm up"])
         longest = self.text.tokenize(["warm up " * self.text.max_length])[0]  # truncated at max_length tokens
-        for rows in (short, [longest] * max_rows):
+        if self.providers[0] == "CPUExecutionProvider":
+            passes = [short, [longest], short * max_rows]
+        else:
+            passes = [short, [longest] * max_rows]
+        for rows in passes:
             self.run([Tokenized(rows, max(len(r) for r in rows))])
 
     def describe(self) -> list[str]:
