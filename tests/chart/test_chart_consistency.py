@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import helm_python as helm
 import pytest
 import yaml
 
+from scripts import chart_readme
 from tests.chart.helpers import (
     CHART_DIR,
     INSTALL_TIME_CREDENTIALS,
@@ -233,37 +233,9 @@ def test_values_files_pass_the_schema(path: Any) -> None:
     chart.validate_schema(chart.merge_values(yaml.safe_load(path.read_text()) or {}))
 
 
-def documented_keys(lines: list[str]) -> tuple[set[tuple[str, ...]], set[tuple[str, ...]]]:
-    """(every key path in a values.yaml, the paths that carry a `# --` comment), from the file's lines."""
-    keys: set[tuple[str, ...]] = set()
-    documented: set[tuple[str, ...]] = set()
-    stack: list[tuple[int, str]] = []
-    pending = False
-    for line in lines:
-        stripped = line.strip()
-        if stripped.startswith("# --"):
-            pending = True
-            continue
-        if stripped.startswith("#") or not stripped:
-            continue
-        match = re.match(r"^(\s*)([A-Za-z0-9_.-]+):", line)
-        if match is None:  # list items and continuation lines belong to the key above
-            continue
-        indent = len(match.group(1))
-        while stack and stack[-1][0] >= indent:
-            stack.pop()
-        stack.append((indent, match.group(2)))
-        path = tuple(name for _, name in stack)
-        keys.add(path)
-        if pending:
-            documented.add(path)
-        pending = False
-    return keys, documented
-
-
 def test_every_values_key_has_a_helm_docs_comment() -> None:
-    lines = (CHART_DIR / "values.yaml").read_text().splitlines()
-    keys, documented = documented_keys(lines)
+    comments = chart_readme.read_comments((CHART_DIR / "values.yaml").read_text())  # the README's own reading
+    keys, documented = set(comments.order), set(comments.docs)
     parents = {path[:i] for path in keys for i in range(1, len(path))}
     undocumented = [
         ".".join(path)
