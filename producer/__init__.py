@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from producer.bulk.job import BulkJob, BulkOptions, BulkSummary, JobFailedError
-    from producer.client.rpc import Client, SyncClient
+    from producer.client import Client, SyncClient
     from producer.wire.errors import (
         ConnectionLostError,
         ErrorReplyError,
@@ -45,8 +45,8 @@ _EXPORTS = {
     "BulkOptions": "producer.bulk.job",
     "BulkSummary": "producer.bulk.job",
     "JobFailedError": "producer.bulk.job",
-    "Client": "producer.client.rpc",
-    "SyncClient": "producer.client.rpc",
+    "Client": "producer.client",
+    "SyncClient": "producer.client",
     "ConnectionLostError": "producer.wire.errors",
     "ErrorReplyError": "producer.wire.errors",
     "InferenceError": "producer.wire.errors",

@@ -31,11 +31,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import threading
 import uuid
-from collections.abc import Coroutine, Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
 import aio_pika
 import aio_pika.abc
@@ -66,11 +65,10 @@ from producer.wire.names import (
 from producer.wire.protocol import ErrorCode, ErrorReply, InferReply, as_tensor, decode_reply, encode_request
 from producer.wire.rows import concat_rows
 
-__all__ = ["Client", "SyncClient"]
+__all__ = ["Client"]
 
 log = get_logger("client")
 
-T = TypeVar("T")
 
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_COALESCE_ROWS = DEFAULT_MAX_BATCH
@@ -525,62 +523,3 @@ def _error_code(future: asyncio.Future[InferReply | ErrorReply]) -> str | None:
         return None
     reply = future.result()
     return reply.code if isinstance(reply, ErrorReply) else None
-
-
-class SyncClient:
-    """Blocking twin of :class:`Client` for scripts; runs the async client on a private thread.
-
-    Takes the same arguments as :class:`Client` and connects at once. Use as a context manager or
-    call :meth:`close`::
-
-        with SyncClient(queue="inference") as client:
-            reply = client.infer({"x": np.ones((1, 4), np.float32)}, timeout_s=5)
-    """
-
-    def __init__(self, amqp_url: str = DEFAULT_AMQP_URL, **kwargs: Any) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="qinfer-client", daemon=True)
-        self._thread.start()
-        self._client = Client(amqp_url, **kwargs)
-        try:
-            self._run(self._client.connect())
-        except BaseException:
-            self._stop_loop()
-            raise
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    def infer(self, inputs: Mapping[str, npt.ArrayLike | Sequence[str]], **kwargs: Any) -> InferReply:
-        """Blocking :meth:`Client.infer` (same arguments and exceptions)."""
-        return self._run(self._client.infer(inputs, **kwargs))
-
-    def infer_text(self, texts: Sequence[str], **kwargs: Any) -> InferReply:
-        """Blocking :meth:`Client.infer_text` (same arguments and exceptions)."""
-        return self._run(self._client.infer_text(texts, **kwargs))
-
-    def metadata(self, **kwargs: Any) -> ModelMetadata:
-        """Blocking :meth:`Client.metadata` (same arguments and exceptions)."""
-        return self._run(self._client.metadata(**kwargs))
-
-    def close(self) -> None:
-        """Close the connection and stop the client's thread (idempotent)."""
-        if self._loop.is_closed():
-            return
-        try:
-            self._run(self._client.close())
-        finally:
-            self._stop_loop()
-
-    def _stop_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
