@@ -34,6 +34,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+import aio_pika
 from prometheus_client.mmap_dict import MmapedDict
 
 from worker.metrics import MULTIPROC_DIR_ENV
@@ -114,6 +115,29 @@ async def paused(pids: Sequence[int]) -> AsyncIterator[None]:
         yield
     finally:
         resume(pids)
+
+
+async def wait_for_ready(amqp_url: str, queue: str, *, at_least: int, timeout_s: float = HOLD_TIMEOUT_S) -> int:
+    """Wait until ``queue`` holds ``at_least`` ready messages (as the queue itself counts them); return the count.
+
+    With every consumer stopped (:func:`paused`), ready messages mean each consumer with room in its
+    prefetch window has been handed its share already: the broker leaves nothing ready while a consumer
+    has room. A worker's window starts at one, so a fresh worker stopped before the load holds exactly one.
+
+    Raises:
+        NotHolding: fewer within ``timeout_s``.
+    """
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            ready = (await channel.declare_queue(queue, passive=True)).declaration_result.message_count or 0
+            if ready >= at_least:
+                return ready
+            if time.monotonic() > deadline:
+                raise NotHolding(f"queue {queue!r} never held {at_least} ready messages within {timeout_s:g} s")
+            await asyncio.sleep(0.005)
 
 
 def resume(pids: Sequence[int]) -> None:
