@@ -26,7 +26,7 @@ import msgspec
 
 from producer.wire.errors import ProtocolError
 from producer.wire.names import CONTENT_TYPE_MSGPACK, HEADER_KIND, KIND_METADATA
-from producer.wire.protocol import ErrorCode, ErrorDetail, ErrorReply
+from producer.wire.protocol import ErrorCode, ErrorDetail, ErrorReply, decode_struct
 
 __all__ = [
     "MAX_METADATA_REQUEST_BYTES",
@@ -105,10 +105,7 @@ def decode_metadata(body: bytes, content_type: str | None) -> ModelMetadata | Er
         ProtocolError: ``bad_encoding`` when the body is neither form.
     """
     decoder = _msgpack_decoder if content_type == CONTENT_TYPE_MSGPACK else _json_decoder
-    try:
-        msg = decoder.decode(body)
-    except (msgspec.DecodeError, ValueError, TypeError, RecursionError) as e:
-        raise ProtocolError(ErrorCode.BAD_ENCODING, f"body is not a model metadata reply: {str(e)[:200]}") from e
+    msg = decode_struct(decoder, body, "model metadata reply")
     if msg.error is not None:
         return ErrorReply(id=msg.id, code=msg.error.code, message=msg.error.message)
     if msg.name is None:

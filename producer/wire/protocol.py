@@ -43,6 +43,7 @@ __all__ = [
     "as_tensor",
     "decode_reply",
     "decode_request",
+    "decode_struct",
     "encode_error",
     "encode_reply",
     "encode_request",
@@ -415,7 +416,7 @@ def _is_binary(content_type: str | None) -> bool:
     )
 
 
-def _decode(decoder: msgspec.json.Decoder[_T] | msgspec.msgpack.Decoder[_T], body: bytes, what: str) -> _T:
+def decode_struct(decoder: msgspec.json.Decoder[_T] | msgspec.msgpack.Decoder[_T], body: bytes, what: str) -> _T:
     """Decode ``body`` into a wire struct; every way a hostile body can fail becomes a ProtocolError."""
     kind = "msgpack" if isinstance(decoder, msgspec.msgpack.Decoder) else "JSON"
     try:
@@ -448,7 +449,7 @@ def decode_request(body: bytes, content_type: str | None, *, default_id: str = "
         ProtocolError: with a code from :class:`ErrorCode` and a message a person can act on.
     """
     binary = _is_binary(content_type)
-    msg = _decode(_msgpack_request if binary else _json_request, body, "inference request")
+    msg = decode_struct(_msgpack_request if binary else _json_request, body, "inference request")
     if not msg.inputs:
         raise ProtocolError(ErrorCode.BAD_ENCODING, "request has no inputs; send at least one tensor in 'inputs'")
     inputs: dict[str, npt.NDArray[Any]] = {}
@@ -540,7 +541,7 @@ def decode_reply(body: bytes, content_type: str | None) -> InferReply | ErrorRep
         ProtocolError: when the body is neither form.
     """
     binary = _is_binary(content_type)
-    msg = _decode(_msgpack_reply if binary else _json_reply, body, "inference reply")
+    msg = decode_struct(_msgpack_reply if binary else _json_reply, body, "inference reply")
     if msg.error is not None:
         return ErrorReply(id=msg.id, code=msg.error.code, message=msg.error.message)
     if msg.outputs is None:
